@@ -1,0 +1,74 @@
+"""The typed, hashable feature configuration shared by training, evaluation, Serve and annotation."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Literal
+
+FeatureKind = Literal["logmel", "mfcc", "zcr_energy", "waveform"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig:
+    """How a clip becomes model input. Defaults are the SonoNet log-mel settings.
+
+    ``waveform`` keeps the fixed-length 16 kHz window itself (``[1, samples]``): wav2vec2 reads it,
+    and training can compute log-mels from it on the fly after waveform-domain augmentation.
+    """
+
+    kind: FeatureKind = "logmel"
+    sample_rate: int = 16_000
+    window_s: float = 3.0
+    n_mels: int = 128
+    n_fft: int = 2048
+    hop_length: int = 512
+    n_mfcc: int = 40
+    top_db: float | None = 80.0
+    # Waveform level normalisation before features: none | peak | rms.
+    normalize: str = "none"
+
+    def __post_init__(self):
+        if self.kind not in ("logmel", "mfcc", "zcr_energy", "waveform"):
+            raise ValueError(
+                f"unknown feature kind {self.kind!r}; choose logmel, mfcc, zcr_energy or waveform"
+            )
+        if self.normalize not in ("none", "peak", "rms"):
+            raise ValueError(f"unknown normalisation {self.normalize!r}; choose none, peak or rms")
+
+    @property
+    def num_samples(self) -> int:
+        return int(round(self.window_s * self.sample_rate))
+
+    @property
+    def num_frames(self) -> int:
+        if self.kind == "waveform":
+            return self.num_samples
+        # centred STFT frames, as librosa and torchaudio (center=True) produce
+        return 1 + self.num_samples // self.hop_length
+
+    @property
+    def num_channels(self) -> int:
+        """Feature rows per frame: mel bands, MFCCs, 2 (ZCR, energy) or 1 (the waveform itself)."""
+        return {"logmel": self.n_mels, "mfcc": self.n_mfcc, "zcr_energy": 2, "waveform": 1}[self.kind]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_channels, self.num_frames)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FeatureConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown feature config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def key(self) -> str:
+        """A short stable hash, used to key feature caches."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,85 @@
+"""Shared test fixtures: one real local Ray per test session, a real S3 server on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EMODB = REPO.parent / "shared" / "data" / "emodb"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def emodb_root() -> Path:
+    if not EMODB.is_dir():
+        pytest.skip(f"real EmoDB not found at {EMODB}")
+    return EMODB
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1; ``AWS_ENDPOINT_URL`` points every client at it.
+
+    Started before Ray so that Ray's workers inherit the endpoint and credentials.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket name on the loopback S3 server, and a boto3 client for setting it up."""
+    import boto3
+
+    client = boto3.client("s3")
+    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{free_port()}"
+    client.create_bucket(Bucket=name)
+    return name, client
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """The one local Ray of this test run (2 CPUs)."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=512 * 1024**2,
+        log_to_driver=False,
+    )
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
