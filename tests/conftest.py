@@ -25,6 +25,29 @@ def emodb_root() -> Path:
     return EMODB
 
 
+def _fix_moto_complete_multipart() -> None:
+    """moto 5.2.1 names CompleteMultipartUpload's XML root ``...Response`` instead of ``...Result``
+    (getmoto/moto#10055); pyarrow's S3 client (every ``storage.write_bytes``, Ray Data writes) then
+    retries and fails with INTERNAL_FAILURE. The server runs in this process, so patch its serializer.
+    """
+    from moto.core import serialize
+
+    original = serialize.S3Serializer._serialized_result_to_response
+    if getattr(original, "_ser_ray_fixed", False):
+        return
+
+    def patched(self, resp, result, shape, serialized_result):
+        resp = original(self, resp, result, shape, serialized_result)
+        if self.operation_model.name == "CompleteMultipartUpload":
+            resp["body"] = resp["body"].replace(
+                "CompleteMultipartUploadResponse", "CompleteMultipartUploadResult"
+            )
+        return resp
+
+    patched._ser_ray_fixed = True
+    serialize.S3Serializer._serialized_result_to_response = patched
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1; ``AWS_ENDPOINT_URL`` points every client at it.
@@ -33,6 +56,7 @@ def s3_server():
     """
     from moto.server import ThreadedMotoServer
 
+    _fix_moto_complete_multipart()
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
