@@ -32,12 +32,20 @@ MODEL_WEIGHTS = "model.safetensors"
 MODELS: dict[str, type[nn.Module]] = {}
 
 
-def register(name: str, input_kind: str, accepts: tuple[str, ...] | None = None) -> Callable:
+def register(
+    name: str, input_kind: str, accepts: tuple[str, ...] | None = None, features: dict | None = None
+) -> Callable:
     """Class decorator adding a model family to ``MODELS``.
 
     ``input_kind`` is the ``FeatureConfig.kind`` the family is meant for; ``accepts`` lists every
-    kind it can read (defaults to just ``input_kind``).
+    kind it can read (defaults to just ``input_kind``); ``features`` are ``FeatureConfig`` fields the
+    family needs besides its kind (rezonet: 40 mels, n_fft 512, hop 160), see ``family_feature_config``.
     """
+    features = dict(features or {})
+    settable = {f.name for f in dataclasses.fields(FeatureConfig)} - {"kind"}  # kind is input_kind
+    if set(features) - settable:
+        bad = sorted(set(features) - settable)
+        raise ValueError(f"model family {name!r}: features {bad} must be among {sorted(settable)}")
 
     def decorate(cls):
         if name in MODELS:
@@ -47,6 +55,7 @@ def register(name: str, input_kind: str, accepts: tuple[str, ...] | None = None)
         cls.family = name
         cls.input_kind = input_kind
         cls.accepts = tuple(accepts or (input_kind,))
+        cls.feature_overrides = features
         MODELS[name] = cls
         return cls
 
@@ -63,6 +72,18 @@ def _family(family: str) -> type[nn.Module]:
 def family_input_kind(family: str) -> str:
     """The ``FeatureConfig.kind`` a family needs: ``logmel`` for cnn/bigru_attn, ``waveform`` for wav2vec2."""
     return _family(family).input_kind
+
+
+def family_feature_config(family: str, base: FeatureConfig = FeatureConfig()) -> FeatureConfig:
+    """``base`` with the family's kind and the feature settings it requires.
+
+    The kind is always the family's ``input_kind`` (build a model from another accepted kind by
+    passing that ``FeatureConfig`` to ``build_model`` directly); fields the family does not fix
+    (window, sample rate, level normalisation, ...) keep ``base``'s values. Families with different
+    results here need separate feature caches (the cache key is the feature config).
+    """
+    cls = _family(family)
+    return dataclasses.replace(base, kind=cls.input_kind, **cls.feature_overrides)
 
 
 def default_hparams(family: str) -> dict:
@@ -92,11 +113,11 @@ def build_model(
 ) -> nn.Module:
     """A freshly initialised (or, for wav2vec2, pretrained) model of ``family``.
 
-    ``feature_config`` defaults to ``FeatureConfig(kind=family_input_kind(family))``.
+    ``feature_config`` defaults to ``family_feature_config(family)``.
     """
     cls = _family(family)
     if feature_config is None:
-        feature_config = FeatureConfig(kind=cls.input_kind)
+        feature_config = family_feature_config(family)
     if feature_config.kind not in cls.accepts:
         raise ValueError(
             f"model family {family!r} reads features of kind {list(cls.accepts)}, but the feature "
@@ -215,11 +236,15 @@ def on_epoch_start(model: nn.Module, epoch: int) -> bool:
 # Importing the family modules registers them (wav2vec2 imports transformers only when built).
 from ser_ray.models import bigru_attn, cnn, wav2vec2  # noqa: E402,F401
 
+# The model zoo: the families of the projects ser-ray grew from.
+from ser_ray.models import dummynet, exponet, mfcc_cnn, parallel, rezonet, td_cnn  # noqa: E402,F401
+
 __all__ = [
     "MODELS",
     "ModelMeta",
     "build_model",
     "default_hparams",
+    "family_feature_config",
     "family_input_kind",
     "load_model",
     "on_epoch_start",

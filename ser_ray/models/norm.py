@@ -15,3 +15,14 @@ def utterance_cmvn(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     x = x - x.mean(dim=-1, keepdim=True)
     std = x.flatten(1).std(dim=1, unbiased=False).clamp_min(eps)
     return x / std.view(-1, *([1] * (x.ndim - 1)))
+
+
+def row_standardise(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``[B, C, F]`` -> every row of every clip to zero mean and unit variance over time.
+
+    For rows on different scales (ZCR in [0, 1], RMS energy in amplitude units), where
+    ``utterance_cmvn``'s single per-clip scale would let the largest row dominate. Still per clip,
+    and a louder recording (energy times k) gives the same result.
+    """
+    x = x - x.mean(dim=-1, keepdim=True)
+    return x / x.std(dim=-1, keepdim=True, unbiased=False).clamp_min(eps)
