@@ -1,0 +1,33 @@
+"""Build a manifest and its feature cache with Ray Data (local or s3:// in and out).
+
+    ray job submit --working-dir . -- python jobs/prepare.py --corpus cremad --root s3://bucket/crema-d \
+        --out s3://bucket/ser-ray/cache
+"""
+
+import argparse
+import logging
+import os
+
+import ray
+
+from ser_ray.corpora import build_manifest
+from ser_ray.corpora.manifest import write_manifest
+from ser_ray.features.config import FeatureConfig
+from ser_ray.features.pipeline import prepare
+from ser_ray import storage
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--corpus", required=True, choices=["cremad", "ravdess", "emodb", "synthetic"])
+parser.add_argument("--root", required=True, help="corpus directory or s3:// prefix")
+parser.add_argument("--out", required=True, help="cache root (directory or s3:// prefix)")
+parser.add_argument("--features", default="logmel", choices=["logmel", "mfcc", "zcr_energy", "waveform"])
+args = parser.parse_args()
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+# Under `ray job submit` (or with RAY_ADDRESS set) join the cluster; otherwise start a local Ray.
+ray.init(address="auto" if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID") else "local")
+
+manifest, report = build_manifest(args.corpus, args.root)
+write_manifest(manifest, storage.join(args.out, "manifest.parquet"))
+info = prepare(manifest, args.out, FeatureConfig(kind=args.features))
+print(f"{len(manifest)} clips ({report['skipped']} skipped): {info.n_ok} ok, {info.n_error} errors -> {info.path}")

@@ -1,0 +1,54 @@
+"""``ser-ray annotate``: label every file of an archive, offline with Ray Data or via a Serve endpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ser_ray.annotate.core import AnnotateConfig
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser, command_name: str = "annotate") -> None:
+    parser.add_argument("--input", required=True, help="local directory or s3:// prefix to annotate")
+    parser.add_argument("--output", required=True, help="local directory or s3:// prefix for files/ and segments/")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bundle", help="bundle directory or s3:// prefix (offline, Ray Data)")
+    source.add_argument("--endpoint", help="URL of a running `ser-ray serve` app")
+    parser.add_argument("--window-s", type=float, default=AnnotateConfig.window_s)
+    parser.add_argument("--hop-s", type=float, default=AnnotateConfig.hop_s)
+    parser.add_argument("--vad", choices=["energy", "silero", "none"], default=AnnotateConfig.vad)
+    parser.add_argument("--vad-threshold-db", type=float, default=AnnotateConfig.vad_threshold_db)
+    parser.add_argument("--batch-files", type=int, default=16, help="files per committed output part")
+    parser.add_argument("--num-actors", type=int, default=None, help="annotation actors (default: one per CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+
+def run(args) -> int:
+    config = AnnotateConfig(
+        window_s=args.window_s, hop_s=args.hop_s, vad=args.vad, vad_threshold_db=args.vad_threshold_db
+    )
+    if args.endpoint:
+        from ser_ray.serve.client import annotate_via_endpoint  # written with the Serve app
+
+        # windowing and VAD are the server's settings on this path
+        summary = annotate_via_endpoint(
+            args.input, args.output, args.endpoint, batch_files=args.batch_files, fmt=args.format
+        )
+    else:
+        import ray
+
+        from ser_ray.annotate.offline import annotate_archive
+
+        if not ray.is_initialized():
+            # RAY_ADDRESS is set inside `ray job submit`; "local" avoids joining a stale cluster
+            ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local")
+        summary = annotate_archive(
+            args.input, args.output, args.bundle, config,
+            batch_files=args.batch_files, num_actors=args.num_actors, fmt=args.format, device=args.device,
+        )
+    log.info("summary: %s", {k: v for k, v in summary.items() if k != "batches"})
+    return 0

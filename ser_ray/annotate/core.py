@@ -1,0 +1,141 @@
+"""``annotate_file``: the one per-file annotation function (offline Ray Data actors and Serve call it).
+
+A file becomes one ``files`` row (uri, status, error, duration, dominant label, per-label mean
+probabilities, segment counts) and one ``segments`` row per speech window. Bad input never raises:
+it becomes a ``files`` row with ``status="error"`` and a message saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+import soundfile as sf
+
+from ser_ray import storage
+from ser_ray.annotate.vad import METHODS, is_speech
+from ser_ray.annotate.windows import audio_info, iter_windows, local_copy, open_audio
+from ser_ray.audio.decode import AudioError
+
+log = logging.getLogger(__name__)
+
+PredictProba = Callable[[np.ndarray], np.ndarray]  # windows [N, samples] at 16 kHz -> probs [N, L]
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotateConfig:
+    window_s: float = 3.0
+    hop_s: float = 1.5
+    vad: str = "energy"  # energy | silero | none
+    vad_threshold_db: float = -45.0  # energy VAD: windows quieter than this (dBFS) are skipped
+    batch_size: int = 32  # windows per predict_proba call
+    max_file_mb: float = 4096.0  # larger inputs get an error row instead of being read
+    sample_rate: int = 16_000
+    labels: tuple[str, ...] = ()  # empty: taken from ``predict_proba.__self__.labels`` (a Bundle)
+
+    def __post_init__(self):
+        if self.window_s <= 0 or self.hop_s <= 0:
+            raise ValueError(f"window_s and hop_s must be positive, got {self.window_s}, {self.hop_s}")
+        if self.vad not in METHODS:
+            raise ValueError(f"unknown VAD method {self.vad!r}; choose one of {METHODS}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+    def with_labels(self, labels: Sequence[str]) -> "AnnotateConfig":
+        return dataclasses.replace(self, labels=tuple(labels))
+
+
+def _labels(predict_proba: PredictProba, config: AnnotateConfig) -> list[str]:
+    if config.labels:
+        return list(config.labels)
+    owner = getattr(predict_proba, "__self__", None)
+    if owner is not None and getattr(owner, "labels", None):
+        return list(owner.labels)
+    raise ValueError("annotate_file needs the labels: set AnnotateConfig(labels=...) or pass Bundle.predict_proba")
+
+
+def file_row(uri: str, labels: Sequence[str], **values) -> dict:
+    """A ``files`` row with every column present (None/NaN where unknown), in a fixed order."""
+    row = {"uri": uri, "status": "ok", "error": None, "duration_s": float("nan"), "label": None}
+    row.update({f"prob_{label}": float("nan") for label in labels})
+    row.update({"n_segments": 0, "n_windows": 0})
+    row.update(values)
+    return row
+
+
+def annotate_file(uri: str, predict_proba: PredictProba, config: AnnotateConfig = AnnotateConfig()) -> tuple[dict, list[dict]]:
+    """``(file_row, segment_rows)`` for one local path or ``s3://`` URI; never raises for bad input."""
+    labels = _labels(predict_proba, config)
+    try:
+        return _annotate(uri, predict_proba, config, labels)
+    except AudioError as exc:
+        return file_row(uri, labels, status="error", error=str(exc)), []
+    except FileNotFoundError:
+        return file_row(uri, labels, status="error", error=f"{uri}: file not found"), []
+    except Exception as exc:  # anything else: still one row, with the cause
+        log.warning("annotating %s failed", uri, exc_info=True)
+        return file_row(uri, labels, status="error", error=f"{uri}: {type(exc).__name__}: {exc}"), []
+
+
+def _annotate(uri: str, predict_proba: PredictProba, config: AnnotateConfig, labels: list[str]):
+    name = os.path.basename(uri.rstrip("/")) or uri
+    nbytes = storage.size(uri)
+    if nbytes is None or nbytes < 0:
+        raise FileNotFoundError(uri)
+    if nbytes > config.max_file_mb * 1024**2:
+        raise AudioError(
+            f"{name}: file too large ({nbytes / 1024**2:.0f} MB > max_file_mb={config.max_file_mb:g}); "
+            "raise max_file_mb or split the file"
+        )
+    sr_out = config.sample_rate
+    segments: list[dict] = []
+    prob_sum = np.zeros(len(labels), dtype=np.float64)
+    n_windows, last_end = 0, 0.0
+    pending: list[tuple[float, float, np.ndarray]] = []
+
+    def flush():
+        nonlocal prob_sum
+        probs = np.asarray(predict_proba(np.stack([w for _, _, w in pending])), dtype=np.float64)
+        if probs.shape != (len(pending), len(labels)):
+            raise ValueError(f"predict_proba returned shape {probs.shape}, expected {(len(pending), len(labels))}")
+        prob_sum += probs.sum(axis=0)
+        for (start, end, _), p in zip(pending, probs):
+            k = int(p.argmax())
+            seg = {"uri": uri, "start_s": round(start, 6), "end_s": round(end, 6), "label": labels[k], "confidence": float(p[k])}
+            seg.update({f"prob_{label}": float(v) for label, v in zip(labels, p)})
+            segments.append(seg)
+        pending.clear()
+
+    with local_copy(uri) as path:
+        f = open_audio(path, name)
+        with f:
+            info = audio_info(f)
+            try:
+                for start, end, wave in iter_windows(f, config.window_s, config.hop_s, sr_out):
+                    n_windows += 1
+                    last_end = end
+                    real = wave[: max(1, int(round((end - start) * sr_out)))]
+                    if not is_speech(real, config.vad, config.vad_threshold_db, sr_out):
+                        continue
+                    pending.append((start, end, wave))
+                    if len(pending) >= config.batch_size:
+                        flush()
+            except sf.SoundFileError as exc:  # corrupt data after a valid header
+                raise AudioError(f"{name}: could not decode audio (soundfile: {exc})") from None
+            if pending:
+                flush()
+    if n_windows == 0:
+        raise AudioError(f"{name}: no audio could be read")
+    n = len(segments)
+    # the end of the last window is the end of the audio actually read (a truncated file's header
+    # can claim more)
+    duration = min(info.duration_s, last_end) if config.hop_s <= config.window_s else info.duration_s
+    values = dict(duration_s=float(duration), n_segments=n, n_windows=n_windows)
+    if n:
+        mean = prob_sum / n
+        values["label"] = labels[int(mean.argmax())]
+        values.update({f"prob_{label}": float(v) for label, v in zip(labels, mean)})
+    return file_row(uri, labels, **values), segments

@@ -1,0 +1,127 @@
+"""Offline annotation of an archive with Ray Data: an actor pool, one bundle per actor.
+
+list the archive -> skip what the output already holds -> ``map_batches(AnnotateActor)`` -> the
+driver commits each batch of results through ``ResultWriter`` as it arrives. A run killed at any
+point loses at most the batch in flight; rerunning resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+
+import numpy as np
+
+from ser_ray.annotate.core import AnnotateConfig, annotate_file
+from ser_ray.annotate.listing import list_archive
+from ser_ray.annotate.writer import ResultWriter
+
+log = logging.getLogger(__name__)
+
+
+class AnnotateActor:
+    """Loads the bundle once; each call annotates a batch of uris with ``annotate_file``."""
+
+    def __init__(self, bundle_uri: str, config: dict, device: str = "cpu", torch_threads: int = 1):
+        import torch
+
+        from ser_ray.ensemble.bundle import load_bundle
+
+        torch.set_num_threads(max(1, torch_threads))  # one core per actor: the pool gives parallelism
+        self.bundle = load_bundle(bundle_uri, device=device)
+        self.config = AnnotateConfig(**config).with_labels(self.bundle.labels)
+
+    def __call__(self, batch: dict) -> dict:
+        files, segments = [], []
+        for uri in batch["uri"]:
+            row, segs = annotate_file(str(uri), self.bundle.predict_proba, self.config)
+            files.append(json.dumps(row))
+            segments.append(json.dumps(segs))
+        return {"uri": batch["uri"], "file_row": np.array(files, dtype=object), "segments": np.array(segments, dtype=object)}
+
+
+def annotate_archive(
+    input_uri: str,
+    output_uri: str,
+    bundle_uri: str,
+    config: AnnotateConfig = AnnotateConfig(),
+    *,
+    batch_files: int = 16,
+    num_actors: int | None = None,
+    fmt: str = "parquet",
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Annotate every file under ``input_uri`` into ``output_uri``; returns a summary dict.
+
+    Files already committed in ``output_uri`` are skipped. ``num_actors`` defaults to the cluster's
+    CPUs (with a GPU ``device``, one actor per GPU).
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    writer = ResultWriter(output_uri, fmt)
+    uris = list_archive(input_uri, output_uri)
+    done = writer.done_uris()
+    todo = [u for u in uris if u not in done]
+    summary = {"n_files": len(uris), "n_skipped": len(uris) - len(todo), "n_processed": 0, "n_ok": 0,
+               "n_error": 0, "audio_s": 0.0, "wall_s": 0.0, "batches": []}
+    log.info("%s: %d files, %d already annotated, %d to do", input_uri, len(uris), summary["n_skipped"], len(todo))
+    if not todo:
+        return summary
+
+    if not ray.is_initialized():
+        ray.init()
+    gpu = str(device).startswith("cuda")
+    if num_actors is None:
+        resources = ray.cluster_resources()
+        num_actors = int(resources.get("GPU", 1)) if gpu else max(1, int(resources.get("CPU", 1)))
+    num_actors = max(1, min(num_actors, len(todo)))
+    ds = ray.data.from_items([{"uri": u} for u in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(
+        AnnotateActor,
+        batch_size=1,  # one file per call: long and short files balance across the pool
+        compute=ActorPoolStrategy(size=num_actors),
+        fn_constructor_kwargs={"bundle_uri": bundle_uri, "config": dataclasses.asdict(config), "device": device},
+        num_cpus=1,
+        num_gpus=1 if gpu else 0,
+    )
+
+    bar = _progress(len(uris), summary["n_skipped"], progress)
+    start = time.perf_counter()
+    for batch in ds.iter_batches(batch_size=batch_files, batch_format="numpy"):
+        files = [json.loads(s) for s in batch["file_row"]]
+        segments = [seg for s in batch["segments"] for seg in json.loads(s)]
+        batch_id = writer.commit(files, segments)
+        summary["batches"].append(batch_id)
+        ok = [f for f in files if f["status"] == "ok"]
+        summary["n_processed"] += len(files)
+        summary["n_ok"] += len(ok)
+        summary["n_error"] += len(files) - len(ok)
+        summary["audio_s"] += sum(f["duration_s"] for f in ok)
+        summary["wall_s"] = time.perf_counter() - start
+        if bar is not None:
+            bar.update(len(files))
+            bar.set_postfix(
+                audio_h=f"{summary['audio_s'] / 3600:.2f}",
+                speed=f"{summary['audio_s'] / max(summary['wall_s'], 1e-9):.0f}x",
+                errors=summary["n_error"],
+            )
+    if bar is not None:
+        bar.close()
+    log.info(
+        "annotated %d files (%d errors), %.2f h of audio in %.0f s (%.0fx real time) -> %s",
+        summary["n_processed"], summary["n_error"], summary["audio_s"] / 3600, summary["wall_s"],
+        summary["audio_s"] / max(summary["wall_s"], 1e-9), output_uri,
+    )
+    return summary
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="file", desc="annotate")

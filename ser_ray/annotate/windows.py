@@ -1,0 +1,122 @@
+"""Stream a long recording as fixed windows, in bounded memory whatever its length.
+
+The file is read in blocks with soundfile (an ``s3://`` object is first streamed to a temporary file,
+chunk by chunk, so neither path holds the whole recording in memory). Windows of ``window_s`` start
+every ``hop_s``; each is downmixed and resampled to 16 kHz on its own; the last, partial window is
+zero-padded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import soundfile as sf
+
+from ser_ray import storage
+from ser_ray.audio.decode import AudioError, fix_length, resample
+
+_COPY_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    duration_s: float
+    sample_rate: int
+    channels: int
+    frames: int
+
+
+@contextlib.contextmanager
+def local_copy(uri: str) -> Iterator[str]:
+    """A local path for ``uri``: the path itself, or a temp copy of an ``s3://`` object (deleted after)."""
+    if not storage.is_s3(uri):
+        yield uri
+        return
+    fs, path = storage.filesystem_and_path(uri)
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix="ser-ray-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as out, fs.open_input_stream(path) as src:
+            while chunk := src.read(_COPY_CHUNK):
+                out.write(chunk)
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def open_audio(path: str, name: str) -> sf.SoundFile:
+    """``sf.SoundFile`` for reading, or ``AudioError`` naming the file and the cause."""
+    if os.path.getsize(path) == 0:
+        raise AudioError(f"{name}: empty file (0 bytes)")
+    try:
+        f = sf.SoundFile(path)
+    except Exception as exc:  # soundfile raises several types for bad input
+        reason = str(exc).replace(path, name)  # name the input, not a temp copy
+        raise AudioError(f"{name}: not a readable audio file (soundfile: {reason})") from None
+    if f.frames == 0:
+        f.close()
+        raise AudioError(f"{name}: audio has no samples")
+    return f
+
+
+def iter_windows(
+    f: sf.SoundFile,
+    window_s: float = 3.0,
+    hop_s: float = 1.5,
+    target_sr: int = 16_000,
+    block_s: float = 30.0,
+) -> Iterator[tuple[float, float, np.ndarray]]:
+    """Yield ``(start_s, end_s, wave)`` for an open file; ``wave`` is float32 ``[window_s * target_sr]``.
+
+    ``end_s`` is the end of real audio in the window (less than ``start_s + window_s`` for the
+    padded last window). Memory: one block plus one window, whatever the file length.
+    """
+    if hop_s <= 0 or window_s <= 0:
+        raise ValueError(f"window_s and hop_s must be positive, got {window_s}, {hop_s}")
+    sr = f.samplerate
+    win = max(1, int(round(window_s * sr)))
+    hop = max(1, int(round(hop_s * sr)))
+    out_len = int(round(window_s * target_sr))
+    block = max(win, int(block_s * sr))
+
+    buf = np.zeros(0, dtype=np.float32)  # mono samples from buf_start on
+    buf_start = 0  # absolute sample index of buf[0]
+    next_start = 0  # absolute sample index of the next window
+    last_end = 0  # absolute end of the last emitted window
+    total = 0
+
+    def window(start: int, samples: np.ndarray) -> tuple[float, float, np.ndarray]:
+        wave = fix_length(resample(samples, sr, target_sr), out_len)
+        return start / sr, (start + len(samples)) / sr, wave.astype(np.float32, copy=False)
+
+    f.seek(0)
+    while True:
+        data = f.read(block, dtype="float32", always_2d=True)
+        if len(data) == 0:
+            break
+        total += len(data)
+        buf = np.concatenate([buf, data.mean(axis=1, dtype=np.float32)])
+        while True:
+            offset = next_start - buf_start
+            if offset + win > len(buf):
+                break
+            yield window(next_start, buf[offset : offset + win])
+            last_end = next_start + win
+            next_start += hop
+        # keep only what later windows need
+        drop = min(max(0, next_start - buf_start), len(buf))
+        buf, buf_start = buf[drop:], buf_start + drop
+    # the tail that no full window reached: one zero-padded window
+    if total > last_end and next_start < total:
+        offset = next_start - buf_start
+        yield window(next_start, buf[offset:])
+
+
+def audio_info(f: sf.SoundFile) -> AudioInfo:
+    return AudioInfo(f.frames / f.samplerate, f.samplerate, f.channels, f.frames)

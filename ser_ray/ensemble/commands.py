@@ -1,0 +1,66 @@
+"""``ser-ray ensemble``: calibrate and weight the best model of each family into a bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from ser_ray import storage
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser, command_name: str = "ensemble") -> None:
+    parser.add_argument(
+        "--from", dest="sources", nargs="+", required=True,
+        help="a tune experiment directory holding best.json, or one or more model/checkpoint directories",
+    )
+    parser.add_argument("--out", required=True, help="bundle directory or s3:// prefix to write")
+    parser.add_argument("--manifest", help="manifest with a `split` column (val rows fit, test rows evaluate)")
+    parser.add_argument("--device", default="cpu")
+
+
+def model_dirs_from(sources: list[str]) -> tuple[list[str], dict]:
+    """Model directories, and best.json's content when ``sources`` is one experiment directory."""
+    if len(sources) == 1 and storage.exists(storage.join(sources[0], "best.json")):
+        best = json.loads(storage.read_bytes(storage.join(sources[0], "best.json")))
+        dirs = [entry["checkpoint_path"] for _, entry in sorted(best.items()) if isinstance(entry, dict) and "checkpoint_path" in entry]
+        if not dirs:
+            raise ValueError(f"{sources[0]}/best.json names no checkpoint_path")
+        return dirs, best
+    return list(sources), {}
+
+
+def run(args) -> int:
+    from ser_ray.corpora.manifest import read_manifest
+    from ser_ray.ensemble.bundle import save_bundle
+    from ser_ray.ensemble.fit import fit_bundle_from_dirs
+
+    dirs, best = model_dirs_from(args.sources)
+    manifest_path = args.manifest or next((e.get("manifest") for e in best.values() if isinstance(e, dict) and e.get("manifest")), None)
+    if not manifest_path:
+        raise SystemExit("ser-ray ensemble: pass --manifest FILE (a manifest with a `split` column)")
+    manifest = read_manifest(manifest_path)
+    if "split" not in manifest:
+        raise SystemExit(f"{manifest_path}: no `split` column; run `ser-ray splits` first")
+    val, test = manifest[manifest["split"] == "val"], manifest[manifest["split"] == "test"]
+    summary = {
+        "manifest": str(manifest_path),
+        "corpora": sorted(manifest["corpus"].unique().tolist()),
+        "n_val": int(len(val)),
+        "n_test": int(len(test)),
+        "sources": dirs,
+    }
+    bundle, report = fit_bundle_from_dirs(dirs, val, test, device=args.device, data_summary=summary)
+    save_bundle(bundle, args.out)
+    storage.write_bytes(storage.join(args.out, "ensemble_metrics.json"), json.dumps(report, indent=2).encode())
+    for split in ("validation", "test"):
+        if split in report:
+            part = report[split]
+            for name, m in part["members"].items():
+                m = m.get("calibrated", m)
+                log.info("%-10s %-12s UA %.3f WA %.3f F1 %.3f ECE %.3f", split, name, m["ua"], m["wa"], m["macro_f1"], m["ece"])
+            e = part["ensemble"]
+            log.info("%-10s %-12s UA %.3f WA %.3f F1 %.3f ECE %.3f", split, "ENSEMBLE", e["ua"], e["wa"], e["macro_f1"], e["ece"])
+    log.info("weights %s -> %s", report["validation"]["weights"], args.out)
+    return 0

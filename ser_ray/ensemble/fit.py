@@ -1,0 +1,214 @@
+"""Fit an ensemble on validation data: one temperature per member, then weights over the simplex.
+
+Both minimise validation negative log-likelihood: the temperature ``T`` of each member on its own
+(``softmax(logits / T)``, searched over ``log T``), then the mixture weights with the temperatures
+fixed (softmax-parametrised so they stay on the simplex), with ``scipy.optimize.minimize``.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize, minimize_scalar
+from scipy.special import log_softmax, softmax
+
+from ser_ray import storage
+from ser_ray.audio.decode import fix_length, load_clip, resample, to_mono
+from ser_ray.ensemble.bundle import Bundle, Member
+
+log = logging.getLogger(__name__)
+
+_EPS = 1e-12
+
+
+# -- data -------------------------------------------------------------------------------------
+def windows_from_frame(df: pd.DataFrame, sample_rate: int = 16_000, window_s: float = 3.0, workers: int = 4) -> np.ndarray:
+    """Fixed windows ``[N, samples]`` (mono, ``sample_rate``, padded/trimmed) for each row.
+
+    Rows carry either ``wave`` (array) with ``sample_rate`` or ``path`` (local or ``s3://``). No
+    waveform normalisation here: each member applies its own in ``Bundle.member_logits``.
+    """
+    n = int(round(sample_rate * window_s))
+    if "wave" in df:
+        rates = df["sample_rate"] if "sample_rate" in df else [sample_rate] * len(df)
+        waves = [resample(to_mono(np.asarray(w, np.float32)), int(sr), sample_rate) for w, sr in zip(df["wave"], rates)]
+    elif "path" in df:
+        with ThreadPoolExecutor(workers) as pool:
+            waves = list(pool.map(lambda p: load_clip(p, sample_rate), df["path"]))
+    else:
+        raise ValueError("the validation frame needs a `wave` or a `path` column")
+    if not waves:
+        return np.zeros((0, n), np.float32)
+    return np.stack([fix_length(w, n) for w in waves]).astype(np.float32)
+
+
+def label_ids(values: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = sorted(set(values) - set(index))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not among the bundle labels {list(labels)}; apply the label map first")
+    return np.array([index[v] for v in values], dtype=np.int64)
+
+
+# -- fitting ----------------------------------------------------------------------------------
+def nll(probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes."""
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], _EPS, None))))
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature minimising the NLL of ``softmax(logits / T)`` (searched over ``log T``)."""
+    logits = np.asarray(logits, dtype=np.float64)
+
+    def loss(log_t: float) -> float:
+        return float(-np.mean(log_softmax(logits / np.exp(log_t), axis=1)[np.arange(len(y)), y]))
+
+    res = minimize_scalar(loss, bounds=tuple(np.log(bounds)), method="bounded")
+    return float(np.exp(res.x))
+
+
+def fit_weights(member_probs: Sequence[np.ndarray], y: np.ndarray) -> np.ndarray:
+    """Simplex weights minimising the NLL of ``sum_k w_k * probs_k`` (``w = softmax(theta)``)."""
+    stack = np.stack([np.asarray(p, dtype=np.float64) for p in member_probs])  # [K, N, L]
+    picked = stack[:, np.arange(len(y)), y]  # [K, N]: each member's probability of the truth
+    if len(stack) == 1:
+        return np.ones(1)
+
+    def loss(theta):
+        w = softmax(theta)
+        mix = np.clip(w @ picked, _EPS, None)
+        value = -np.mean(np.log(mix))
+        # d/dtheta via the softmax Jacobian: dL/dw_k = -mean(picked_k / mix)
+        grad_w = -(picked / mix).mean(axis=1)
+        return value, w * (grad_w - w @ grad_w)
+
+    res = minimize(loss, np.zeros(len(stack)), jac=True, method="L-BFGS-B")
+    return softmax(res.x)
+
+
+def scores(probs: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> dict:
+    """UA, WA, macro-F1, ECE and NLL of probabilities against true class ids."""
+    from ser_ray.train.metrics import classification_metrics, expected_calibration_error
+
+    m = classification_metrics(y, probs.argmax(axis=1), list(labels))
+    return {
+        "ua": m["ua"],
+        "wa": m["wa"],
+        "macro_f1": m["macro_f1"],
+        "ece": expected_calibration_error(probs, y),
+        "nll": nll(probs, y),
+        "n": int(len(y)),
+    }
+
+
+def member_logits_all(bundle: Bundle, waves: np.ndarray, batch: int = 64) -> list[np.ndarray]:
+    return [
+        np.concatenate([bundle.member_logits(i, waves[s : s + batch]) for s in range(0, max(len(waves), 1), batch)])
+        for i in range(len(bundle.members))
+    ]
+
+
+def fit_ensemble(bundle: Bundle, val_waves: np.ndarray, val_y: np.ndarray) -> dict:
+    """Set every member's temperature and weight in place from validation data; returns the
+    validation report (members before/after calibration and the ensemble)."""
+    logits = member_logits_all(bundle, val_waves)
+    report = {"members": {}}
+    for m, lg in zip(bundle.members, logits):
+        raw = scores(softmax(lg, axis=1), val_y, bundle.labels)
+        m.temperature = fit_temperature(lg, val_y)
+        cal = scores(softmax(lg / m.temperature, axis=1), val_y, bundle.labels)
+        report["members"][m.name] = {"uncalibrated": raw, "calibrated": cal, "temperature": m.temperature}
+        m.metrics = {"validation": cal, "temperature": m.temperature}
+    weights = fit_weights([softmax(lg / m.temperature, axis=1) for m, lg in zip(bundle.members, logits)], val_y)
+    for m, w in zip(bundle.members, weights):
+        m.weight = float(w)
+    report["weights"] = {m.name: m.weight for m in bundle.members}
+    report["ensemble"] = scores(bundle.combine(logits), val_y, bundle.labels)
+    uniform = np.mean([softmax(lg / m.temperature, axis=1) for m, lg in zip(bundle.members, logits)], axis=0)
+    report["uniform_ensemble"] = scores(uniform, val_y, bundle.labels)
+    return report
+
+
+def evaluate_bundle(bundle: Bundle, waves: np.ndarray, y: np.ndarray) -> dict:
+    """Members (calibrated) and the ensemble on held-out data."""
+    logits = member_logits_all(bundle, waves)
+    out = {
+        "members": {
+            m.name: scores(softmax(lg / m.temperature, axis=1), y, bundle.labels)
+            for m, lg in zip(bundle.members, logits)
+        }
+    }
+    out["ensemble"] = scores(bundle.combine(logits), y, bundle.labels)
+    return out
+
+
+# -- from checkpoints -------------------------------------------------------------------------
+def resolve_model_dir(path: str) -> str:
+    """A checkpoint or result directory -> the directory holding ``model.json``."""
+    for candidate in (path, storage.join(path, "model")):
+        if storage.exists(storage.join(candidate, "model.json")):
+            return candidate
+    raise FileNotFoundError(f"{path}: no model.json here or in {path}/model; is it a saved model or checkpoint?")
+
+
+def members_from_dirs(model_dirs: Sequence[str], device: str = "cpu") -> tuple[list[Member], list[str]]:
+    """Load each model dir as a member (weight 1, temperature 1); all must share labels."""
+    from ser_ray.models import load_model
+
+    members, labels = [], None
+    for path in model_dirs:
+        model, meta = load_model(resolve_model_dir(path), map_location=device)
+        if labels is None:
+            labels = list(meta.labels)
+        elif list(meta.labels) != labels:
+            raise ValueError(f"{path}: labels {meta.labels} differ from the first model's {labels}")
+        name = meta.family
+        k = 2
+        while name in {m.name for m in members}:
+            name, k = f"{meta.family}_{k}", k + 1
+        members.append(Member(meta.family, model, meta.feature_config, name=name, hparams=meta.hparams))
+    if not members:
+        raise ValueError("no model directories given")
+    return members, labels
+
+
+def fit_bundle_from_dirs(
+    model_dirs: Sequence[str],
+    val_df: pd.DataFrame,
+    test_df: pd.DataFrame | None = None,
+    *,
+    device: str = "cpu",
+    data_summary: dict | None = None,
+) -> tuple[Bundle, dict]:
+    """Load the models, fit temperatures and weights on ``val_df``, evaluate on ``test_df``.
+
+    Frames have an ``emotion`` column (bundle labels) and ``path`` or ``wave`` (see
+    ``windows_from_frame``). Returns the bundle (not yet saved) and the metrics report.
+    """
+    members, labels = members_from_dirs(model_dirs, device)
+    fc = members[0].feature_config
+    bundle = Bundle(labels, members, sample_rate=fc.sample_rate, window_s=fc.window_s,
+                    data_summary=dict(data_summary or {}), device=device)
+
+    def prepare(df):
+        df = df[df["emotion"].isin(labels)]
+        return windows_from_frame(df, bundle.sample_rate, bundle.window_s), label_ids(df["emotion"], labels)
+
+    val_w, val_y = prepare(val_df)
+    if len(val_y) == 0:
+        raise ValueError(f"no validation rows with labels in {labels}")
+    log.info("fitting temperatures and weights of %d members on %d validation windows", len(members), len(val_y))
+    report = {"labels": labels, "validation": fit_ensemble(bundle, val_w, val_y)}
+    if test_df is not None and len(test_df):
+        test_w, test_y = prepare(test_df)
+        report["test"] = evaluate_bundle(bundle, test_w, test_y)
+        for m in bundle.members:
+            m.metrics["test"] = report["test"]["members"][m.name]
+    bundle.data_summary.setdefault("n_validation", int(len(val_y)))
+    if "test" in report:
+        bundle.data_summary.setdefault("n_test", int(report["test"]["ensemble"]["n"]))
+    return bundle, report

@@ -1,0 +1,316 @@
+"""Manifest -> Ray Data -> feature cache (Parquet), keyed by feature config + manifest.
+
+One row per manifest row: every manifest column, ``features`` (float32, ``config.shape``) and
+``error`` (null when ok). A clip that cannot be read or decoded becomes a row with ``error`` set and
+all-zero features, so one bad file never stops a run. ``cache.json`` is written last; its presence
+is what marks a cache as complete, and a second ``prepare`` with the same inputs reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import hashlib
+import json
+import logging
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+import ser_ray
+from ser_ray import storage
+from ser_ray.audio.decode import decode_audio
+from ser_ray.features.config import FeatureConfig
+from ser_ray.features.extractor import FeatureExtractor
+
+log = logging.getLogger(__name__)
+
+CACHE_JSON = "cache.json"
+# Bump when the way rows are produced changes, so old caches are not reused by mistake.
+PIPELINE_VERSION = 1
+ERROR_SAMPLE = 20  # error messages kept in cache.json / CacheInfo
+
+
+@dataclasses.dataclass
+class CacheInfo:
+    """Where a feature cache lives and what is in it."""
+
+    path: str  # cache_root/<key>, a local path or s3:// URI
+    key: str
+    n_ok: int
+    n_error: int
+    errors: list[tuple[str, str]]  # (path, message), a sample of at most ERROR_SAMPLE
+    reused: bool
+    seconds: float
+    config: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
+
+
+# -- the batch function run by Ray Data ------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _extractor(config: FeatureConfig) -> FeatureExtractor:
+    # Ray reuses worker processes, so each worker builds its extractor (mel filterbank) once.
+    return FeatureExtractor(config)
+
+
+def extract_batch(batch: pd.DataFrame, config: FeatureConfig) -> pa.Table:
+    """Manifest rows -> the same rows plus ``features`` and ``error`` (read, decode, window, extract).
+
+    Reading and decoding are per clip; feature extraction is one batched call over the batch.
+    """
+    from ray.data.extensions import ArrowTensorArray
+
+    extractor = _extractor(config)
+    waves = np.zeros((len(batch), config.num_samples), dtype=np.float32)
+    errors: list[str | None] = [None] * len(batch)
+    for i, uri in enumerate(batch["path"]):
+        try:
+            audio, sr = decode_audio(storage.read_bytes(uri), uri)
+            waves[i] = extractor.prepare_wave(audio, sr)
+        except FileNotFoundError:
+            errors[i] = f"{uri}: file not found"
+        except Exception as exc:  # any bad input becomes an error row, never a failed run
+            errors[i] = str(exc) if str(uri) in str(exc) else f"{uri}: {type(exc).__name__}: {exc}"
+    features = extractor(waves)
+    features[[e is not None for e in errors]] = 0.0
+    table = pa.Table.from_pandas(batch.reset_index(drop=True), preserve_index=False)
+    table = table.append_column("features", ArrowTensorArray.from_numpy(features))
+    return table.append_column("error", pa.array(errors, type=pa.string()))
+
+
+class ExtractBatch:
+    """The actor-pool form of :func:`extract_batch`: one extractor per actor."""
+
+    def __init__(self, config: FeatureConfig):
+        self.config = config
+        _extractor(config)
+
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        return extract_batch(batch, self.config)
+
+
+# -- cache key and layout --------------------------------------------------------------------------
+
+
+def _file_sizes(paths: pd.Series) -> list[int]:
+    """Local file sizes (cheap, catches replaced files); S3 objects are keyed by URI only."""
+    sizes = []
+    for p in paths:
+        try:
+            sizes.append(-1 if storage.is_s3(p) else storage.size(p))
+        except OSError:
+            sizes.append(-2)
+    return sizes
+
+
+def cache_key(manifest: pd.DataFrame, config: FeatureConfig) -> str:
+    """sha256 over the pipeline version, the feature config, every manifest cell and local file sizes."""
+    h = hashlib.sha256()
+    h.update(f"ser-ray-features-v{PIPELINE_VERSION}\n{config.key()}\n".encode())
+    h.update(manifest.to_csv(index=False).encode())
+    h.update(json.dumps(_file_sizes(manifest["path"])).encode())
+    return h.hexdigest()[:16]
+
+
+def _read_cache_json(cache_dir: str) -> dict | None:
+    uri = storage.join(cache_dir, CACHE_JSON)
+    if not storage.exists(uri):
+        return None
+    return json.loads(storage.read_bytes(uri))
+
+
+def _info_from_json(cache_dir: str, meta: dict, reused: bool, seconds: float) -> CacheInfo:
+    return CacheInfo(
+        path=cache_dir,
+        key=meta["key"],
+        n_ok=meta["n_ok"],
+        n_error=meta["n_error"],
+        errors=[tuple(e) for e in meta["errors"]],
+        reused=reused,
+        seconds=seconds,
+        config=FeatureConfig.from_dict(meta["feature_config"]),
+    )
+
+
+def _delete_dir(uri: str) -> None:
+    fs, path = storage.filesystem_and_path(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+# -- prepare ---------------------------------------------------------------------------------------
+
+
+def prepare(
+    manifest: pd.DataFrame,
+    cache_root: str,
+    config: FeatureConfig = FeatureConfig(),
+    *,
+    batch_size: int = 64,
+    num_cpus_per_task: float = 1,
+    strategy: str = "tasks",
+    progress: bool = True,
+) -> CacheInfo:
+    """Extract features for every manifest row into ``cache_root/<key>/`` and return its info.
+
+    Reuses a complete cache with the same key (``reused=True``); removes and redoes a cache dir
+    left without ``cache.json`` by a crashed run. ``strategy`` is ``tasks`` (default: measured
+    faster on CPU, see benchmarks/features.py) or ``actors`` (an autoscaling actor pool).
+    Needs a running Ray (``ray.init``) or starts a local one.
+    """
+    import ray
+    from ray.data import DataContext
+
+    if "path" not in manifest.columns:
+        raise ValueError("manifest has no 'path' column; build it with `ser-ray manifest`")
+    if len(manifest) == 0:
+        raise ValueError("manifest is empty: nothing to prepare")
+    if strategy not in ("tasks", "actors"):
+        raise ValueError(f"unknown strategy {strategy!r}; choose tasks or actors")
+    start = time.perf_counter()
+    key = cache_key(manifest, config)
+    cache_dir = storage.join(cache_root, key)
+
+    meta = _read_cache_json(cache_dir)
+    if meta is not None:
+        log.info("feature cache %s is complete (%d ok, %d errors): reusing it",
+                 cache_dir, meta["n_ok"], meta["n_error"])
+        return _info_from_json(cache_dir, meta, reused=True, seconds=time.perf_counter() - start)
+    if storage.exists(cache_dir):
+        log.warning("%s has no %s (an interrupted run): removing it and starting again",
+                    cache_dir, CACHE_JSON)
+        _delete_dir(cache_dir)
+
+    if not ray.is_initialized():
+        ray.init(address="local")  # "local": never join a stale cluster by accident
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if not storage.is_s3(cache_dir) and nodes > 1:
+        log.warning("%s is a local path on a %d-node cluster: each node writes its own part; "
+                    "use an s3:// cache root", cache_dir, nodes)
+    # ~200 clips per block keeps blocks small (streaming), and >= 2 blocks per CPU keeps CPUs busy.
+    num_blocks = min(len(manifest), max(2 * cpus, math.ceil(len(manifest) / 200)))
+    manifest = manifest.reset_index(drop=True)
+    bounds = np.linspace(0, len(manifest), num_blocks + 1).astype(int)
+    # One DataFrame per block (from_pandas's override_num_blocks breaks on DataFrames in 2.60).
+    ds = ray.data.from_pandas([manifest.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+    common = dict(batch_size=batch_size, batch_format="pandas", num_cpus=num_cpus_per_task)
+    if strategy == "actors":
+        # Autoscaling pool: leaves a CPU free for the write tasks when the cluster is small.
+        ds = ds.map_batches(
+            ExtractBatch,
+            fn_constructor_kwargs={"config": config},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cpus // num_cpus_per_task))),
+            **common,
+        )
+    else:
+        ds = ds.map_batches(extract_batch, fn_kwargs={"config": config}, **common)
+
+    fs, fs_path = storage.filesystem_and_path(cache_dir)
+    log.info("extracting %s features for %d clips into %s (%d blocks, batch %d, %s)",
+             config.kind, len(manifest), cache_dir, num_blocks, batch_size, strategy)
+    context = DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, progress
+    try:
+        ds.write_parquet(fs_path, filesystem=fs)
+    finally:
+        context.enable_progress_bars = bars
+
+    # Count from the written files (two small columns), so nothing is held in driver memory.
+    status = _read_columns(cache_dir, ["path", "error"])
+    failed = status[status["error"].notna()]
+    seconds = time.perf_counter() - start
+    meta = {
+        "key": key,
+        "feature_config": config.to_dict(),
+        "n_rows": len(status),
+        "n_ok": int(len(status) - len(failed)),
+        "n_error": int(len(failed)),
+        "errors": [[p, e] for p, e in failed.head(ERROR_SAMPLE).itertuples(index=False)],
+        "columns": list(manifest.columns) + ["features", "error"],
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 3),
+        "ser_ray_version": ser_ray.__version__,
+        "pipeline_version": PIPELINE_VERSION,
+    }
+    if meta["n_rows"] != len(manifest):
+        raise RuntimeError(f"{cache_dir}: wrote {meta['n_rows']} rows for {len(manifest)} manifest rows")
+    storage.write_bytes(storage.join(cache_dir, CACHE_JSON), json.dumps(meta, indent=2).encode())
+
+    for p, e in meta["errors"]:
+        log.warning("skipped %s", e)
+    log.info("prepared %d clips (%d ok, %d errors) in %.1f s: %.1f clips/s -> %s",
+             len(manifest), meta["n_ok"], meta["n_error"], seconds, len(manifest) / seconds, cache_dir)
+    return _info_from_json(cache_dir, meta, reused=False, seconds=seconds)
+
+
+# -- reading a cache -------------------------------------------------------------------------------
+
+
+def _cache_dir(path_or_info: str | CacheInfo) -> str:
+    return path_or_info.path if isinstance(path_or_info, CacheInfo) else str(path_or_info)
+
+
+def _check_complete(cache_dir: str) -> dict:
+    meta = _read_cache_json(cache_dir)
+    if meta is None:
+        raise FileNotFoundError(
+            f"{cache_dir}: not a complete feature cache (no {CACHE_JSON}); run `ser-ray prepare`"
+        )
+    return meta
+
+
+def _read_columns(cache_dir: str, columns: list[str] | None = None) -> pd.DataFrame:
+    import pyarrow.dataset as pads
+
+    import ray.data.extensions  # noqa: F401  registers the tensor extension type for Parquet
+
+    fs, path = storage.filesystem_and_path(cache_dir)
+    files = sorted(
+        f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+    )
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    table = dataset.to_table(columns=columns)
+    if "features" not in table.column_names:
+        return table.to_pandas()
+    features = table.column("features").combine_chunks()
+    frame = table.drop(["features"]).to_pandas()
+    frame["features"] = list(features.to_numpy()) if len(frame) else []
+    return frame[table.column_names]
+
+
+def load_cache(path_or_info: str | CacheInfo):
+    """A complete cache as a ``ray.data.Dataset`` (streamed; ``features`` is a tensor column)."""
+    import ray
+
+    cache_dir = _cache_dir(path_or_info)
+    _check_complete(cache_dir)
+    fs, path = storage.filesystem_and_path(cache_dir)
+    return ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
+
+
+def load_cache_pandas(path_or_info: str | CacheInfo, columns: list[str] | None = None) -> pd.DataFrame:
+    """A complete cache as a DataFrame (no Ray needed); ``features`` holds ``config.shape`` arrays.
+
+    Rows are sorted by ``path`` (Ray writes files in completion order), so the order is stable.
+    """
+    cache_dir = _cache_dir(path_or_info)
+    _check_complete(cache_dir)
+    frame = _read_columns(cache_dir, columns)
+    if "path" in frame.columns:
+        frame = frame.sort_values("path", kind="stable", ignore_index=True)
+    return frame
+
+
+def features_array(frame: pd.DataFrame) -> np.ndarray:
+    """The ``features`` column stacked into one float32 array ``[N, channels, frames]``."""
+    if len(frame) == 0:
+        raise ValueError("no rows: cannot stack features of an empty frame")
+    return np.stack(frame["features"].to_numpy()).astype(np.float32, copy=False)

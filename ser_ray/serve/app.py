@@ -1,0 +1,439 @@
+"""The Ray Serve application: one deployment per ensemble member, and a FastAPI ingress.
+
+```
+HTTP ──► Ingress (FastAPI)                         MemberModel "member-<name>"  (× members)
+          /predict, /annotate                        @serve.batch over windows
+          annotate_file(uri, predict_proba, cfg) ──► Bundle.member_logits(i, windows)
+          predict_proba = Bundle.combine(member logits, fetched concurrently)
+```
+
+The ingress runs the same ``annotate_file`` as offline annotation and combines member logits with the
+same ``Bundle.combine``, so an endpoint answer equals the offline answer for the same file.
+
+``/annotate`` reads only local paths under ``allowed_roots`` and objects in ``allowed_buckets``
+(``ser_ray.serve.access``). A request naming any URI outside them is rejected as a whole (403, listing
+the offending URIs) before anything is read: a client that sends a bad URI has a bug or is probing,
+and a partial answer would hide that. A URI that is allowed but unreadable or not audio gets an
+``error`` row in a 200 answer, like offline annotation.
+
+Build with ``build_app(ServeConfig(...))``, or from a Serve config file with
+``import_path: ser_ray.serve.app:app_builder`` and ``args: {bundle: ..., allowed_roots: [...]}``.
+"""
+
+import asyncio
+import dataclasses
+import io
+import logging
+import math
+import os
+import re
+import tempfile
+import types
+import typing
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from ray import serve
+from ray.serve.deployment import Application
+from ray.serve.handle import DeploymentHandle
+
+from ser_ray.serve.access import AccessPolicy
+
+logger = logging.getLogger("ray.serve")
+
+MB = 1024 * 1024
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """Everything the Serve app needs; loads from a dict of strings (``serve run ... key=value``)."""
+
+    bundle: str
+    allowed_roots: list[str] = dataclasses.field(default_factory=list)
+    allowed_buckets: list[str] = dataclasses.field(default_factory=list)
+    max_upload_mb: float = 50.0
+    max_uris_per_request: int = 256
+    # windowing as in AnnotateConfig, so endpoint and offline windows match; window_s None: the bundle's
+    window_s: float | None = None
+    hop_s: float = 1.5
+    vad: str = "energy"
+    # member deployments
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    num_replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # fractional values share one GPU between members
+    # ingress deployment
+    ingress_replicas: int = 1
+    ingress_num_cpus: float = 0.5
+    ingress_threads: int = 16  # annotate_file calls running at once per ingress replica
+    route_prefix: str = "/"
+
+    @classmethod
+    def from_dict(cls, args: dict) -> "ServeConfig":
+        """Typed config from a dict; strings are converted (lists: comma-separated)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown serve option(s) {unknown}; valid: {sorted(fields)}")
+        if "bundle" not in args:
+            raise ValueError("serve config needs `bundle` (a bundle directory or s3:// prefix)")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(v, hints[k], k) for k, v in args.items()})
+
+    def annotate_config(self, bundle):
+        """The ``AnnotateConfig`` the ingress passes to ``annotate_file`` for ``bundle``."""
+        from ser_ray.annotate import AnnotateConfig
+
+        window_s = self.window_s if self.window_s is not None else bundle.window_s
+        return AnnotateConfig(window_s=window_s, hop_s=self.hop_s, vad=self.vad, labels=tuple(bundle.labels))
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * MB)
+
+
+def _coerce(value, hint, name):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # ``float | None``
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            return None
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))
+        origin = typing.get_origin(hint)
+    try:
+        if origin is list:
+            if isinstance(value, str):
+                return [v for v in (s.strip() for s in value.split(",")) if v]
+            return [str(v) for v in (value or [])]
+        if hint is bool and isinstance(value, str):
+            return value.lower() in ("1", "true", "yes")
+        if hint in (int, float, str):
+            return hint(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"serve option {name}={value!r}: expected {hint}") from None
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# member deployment
+
+
+@serve.deployment
+class MemberModel:
+    """One ensemble member: windows ``[n, samples]`` -> logits ``[n, labels]``, batched over requests.
+
+    A request carries up to ``max_batch_size`` windows; ``@serve.batch`` counts windows (not
+    requests) so one forward pass sees at most ``max_batch_size`` windows from any number of requests.
+    """
+
+    def __init__(self, bundle_uri: str, index: int, max_batch_size: int, batch_wait_timeout_s: float,
+                 device: str = "cpu"):
+        import torch
+
+        from ser_ray.ensemble.bundle import load_bundle
+
+        # Ray sets OMP_NUM_THREADS from num_cpus; torch must follow it so members share cores fairly
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.bundle = load_bundle(bundle_uri, device=device)
+        self.index = index
+        self.name = self.bundle.members[index].name
+        self.logits.set_max_batch_size(max_batch_size)
+        self.logits.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        logger.info("member %s (%d of %d) loaded from %s on %s", self.name, index + 1,
+                    len(self.bundle.members), bundle_uri, device)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=lambda items: sum(len(x) for x in items))
+    async def logits(self, chunks: list[np.ndarray]) -> list[np.ndarray]:
+        sizes = [len(c) for c in chunks]
+        waves = np.concatenate(chunks).astype(np.float32, copy=False)
+        # off the event loop, so requests keep queueing (and batching) while the model runs
+        out = await asyncio.to_thread(self.bundle.member_logits, self.index, waves)
+        return np.split(np.asarray(out), np.cumsum(sizes)[:-1])
+
+
+# --------------------------------------------------------------------------------------------
+# ingress
+
+api = FastAPI(
+    title="ser-ray",
+    description="Speech emotion recognition: an ensemble bundle served with Ray Serve.",
+)
+
+
+class AnnotateRequest(BaseModel):
+    uris: list[str]
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _MembersUnavailable(RuntimeError):
+    pass
+
+
+# Helpers the routes use are defined before the ingress class: @serve.ingress pickles the FastAPI
+# app (and with it the route functions) when the class is defined.
+
+
+def _limited(request: Request, limit: int) -> Request:
+    """The same request whose body reader raises ``_TooLarge`` once more than ``limit`` bytes arrive.
+
+    The Content-Length header can be absent (chunked upload) or wrong, so bytes are counted as read.
+    """
+    seen = 0
+
+    async def receive():
+        nonlocal seen
+        message = await request.receive()
+        if message.get("type") == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _TooLarge()
+        return message
+
+    return Request(request.scope, receive)
+
+
+def _not_audio(data: bytes, name: str) -> str | None:
+    """A message when ``data`` is not audio that soundfile (our decoder) can read, else None."""
+    import soundfile as sf
+
+    if not data:
+        return f"{name}: empty upload (0 bytes)"
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception as exc:
+        return (f"{name}: not a readable audio file (soundfile: {exc}); upload WAV, FLAC or OGG audio")
+    if info.frames == 0:
+        return f"{name}: audio has no samples"
+    return None
+
+
+def _safe_suffix(name: str) -> str:
+    suffix = os.path.splitext(name)[1].lower()
+    return suffix if re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) else ".audio"
+
+
+def _clean(value):
+    """JSON-safe scalars: numpy -> Python, NaN -> None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _clean_row(row: dict) -> dict:
+    return {k: _clean(v) for k, v in row.items()}
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, config: dict, members: list[DeploymentHandle]):
+        from ser_ray.ensemble.bundle import load_bundle
+
+        self.config = ServeConfig.from_dict(config)
+        self.policy = AccessPolicy(self.config.allowed_roots, self.config.allowed_buckets)
+        self.bundle = load_bundle(self.config.bundle, device="cpu")  # for labels and combine()
+        self.annotate_config = self.config.annotate_config(self.bundle)
+        self.labels = list(self.bundle.labels)
+        self.members = members
+        self.pool = ThreadPoolExecutor(self.config.ingress_threads, thread_name_prefix="annotate")
+        logger.info("ingress ready: %d members, labels %s, access %s", len(members), self.labels,
+                    self.policy.describe())
+
+    # -- the model, as annotate_file sees it ------------------------------------------------
+    def predict_proba(self, waves: np.ndarray) -> np.ndarray:
+        """Windows ``[N, samples]`` -> probabilities ``[N, labels]`` via the member deployments.
+
+        Every member gets every chunk at once (no waiting between calls), so members run in parallel
+        and windows from concurrent requests share batches. Runs in a worker thread.
+        """
+        waves = np.ascontiguousarray(waves, dtype=np.float32)
+        if len(waves) == 0:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        step = self.config.max_batch_size
+        chunks = [waves[s:s + step] for s in range(0, len(waves), step)]
+        pending = [[m.logits.remote(c) for c in chunks] for m in self.members]
+        logits = [np.concatenate([r.result() for r in responses]) for responses in pending]
+        return self.bundle.combine(logits)
+
+    def _annotate(self, path: str, uri: str) -> tuple[dict, list[dict]]:
+        """``annotate_file`` through the member deployments; rows name ``uri`` (what the client sent).
+
+        ``annotate_file`` turns any exception into an error row. A failing member deployment is not a
+        property of the file, so it raises ``_MembersUnavailable`` (-> 503, which clients retry)
+        instead of an error row that a resumable client would commit for good.
+        """
+        from ser_ray.annotate import annotate_file
+
+        failures: list[BaseException] = []
+
+        def predict_proba(waves: np.ndarray) -> np.ndarray:
+            try:
+                return self.predict_proba(waves)
+            except Exception as exc:
+                failures.append(exc)
+                raise
+
+        file_row, segments = annotate_file(path, predict_proba, self.annotate_config)
+        if failures:
+            logger.error("model deployments failed while annotating %s: %r", uri, failures[0])
+            raise _MembersUnavailable(f"model deployments failed ({type(failures[0]).__name__}); retry later")
+        # rows name the URI the client sent, not the (resolved or temporary) path read
+        if path != uri and file_row.get("error"):
+            file_row["error"] = file_row["error"].replace(path, uri)
+        file_row = dict(file_row, uri=uri)
+        segments = [dict(s, uri=uri) for s in segments]
+        return file_row, segments
+
+    async def _in_thread(self, fn, *args):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        except _MembersUnavailable as exc:
+            raise HTTPException(503, str(exc)) from None
+
+    # -- routes -----------------------------------------------------------------------------
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok", "members": [m.name for m in self.bundle.members], "labels": self.labels}
+
+    @api.get("/labels")
+    def get_labels(self) -> dict:
+        return {"labels": self.labels}
+
+    @api.post(
+        "/predict",
+        openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {"file": {"type": "string", "format": "binary"}}}}}}},
+    )
+    async def predict(self, request: Request):
+        """One uploaded audio file (multipart field ``file``) -> label, probabilities, segments."""
+        limit = self.config.max_upload_bytes
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith("multipart/form-data"):
+            raise HTTPException(415, "send the audio as multipart/form-data with a field named 'file' "
+                                     "(e.g. curl -F file=@clip.wav)")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"upload of {int(declared) / MB:.1f} MB is over the "
+                                     f"{self.config.max_upload_mb:g} MB limit")
+        form = None
+        try:
+            try:
+                form = await _limited(request, limit).form(max_files=1, max_fields=4)
+            except _TooLarge:
+                raise HTTPException(413, f"upload is over the {self.config.max_upload_mb:g} MB limit") from None
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise HTTPException(400, "no file in the upload: send it as multipart field 'file'")
+            name = os.path.basename(upload.filename or "upload")
+            data = await upload.read()
+        finally:
+            if form is not None:
+                await form.close()
+        problem = _not_audio(data, name)
+        if problem:
+            raise HTTPException(415, problem)
+        file_row, segments = await self._in_thread(self._annotate_bytes, data, name)
+        if file_row.get("status") != "ok":
+            raise HTTPException(422, file_row.get("error") or f"{name}: could not be annotated")
+        return {
+            "file": name,
+            "label": file_row.get("label"),
+            "probabilities": {lab: _clean(file_row.get(f"prob_{lab}")) for lab in self.labels},
+            "duration_s": _clean(file_row.get("duration_s")),
+            "n_segments": _clean(file_row.get("n_segments")),
+            "segments": [
+                {
+                    "start_s": _clean(s.get("start_s")),
+                    "end_s": _clean(s.get("end_s")),
+                    "label": s.get("label"),
+                    "confidence": _clean(s.get("confidence")),
+                    "probabilities": {lab: _clean(s.get(f"prob_{lab}")) for lab in self.labels},
+                }
+                for s in segments
+            ],
+        }
+
+    def _annotate_bytes(self, data: bytes, name: str) -> tuple[dict, list[dict]]:
+        safe = re.sub(r"[^A-Za-z0-9_.\-]", "_", os.path.splitext(name)[0])[:64] or "upload"
+        with tempfile.TemporaryDirectory(prefix="ser-ray-upload-") as tmp:
+            path = os.path.join(tmp, safe + _safe_suffix(name))
+            with open(path, "wb") as f:
+                f.write(data)
+            return self._annotate(path, name)
+
+    @api.post("/annotate")
+    async def annotate(self, body: AnnotateRequest):
+        """URIs under the allowed roots/buckets -> ``{"files": [...], "segments": [...]}`` rows."""
+        if not body.uris:
+            raise HTTPException(400, "`uris` is empty; send {\"uris\": [\"/allowed/root/a.wav\", ...]}")
+        if len(body.uris) > self.config.max_uris_per_request:
+            raise HTTPException(413, f"{len(body.uris)} URIs in one request; send at most "
+                                     f"{self.config.max_uris_per_request} per request")
+        decisions = [self.policy.check(uri) for uri in body.uris]
+        refused = [d for d in decisions if d.status != 200]
+        if refused:
+            # nothing is read when any URI is refused (see the module docstring)
+            status = 403 if any(d.status == 403 for d in refused) else 400
+            return JSONResponse(status_code=status, content={
+                "detail": f"{len(refused)} of {len(decisions)} URIs refused; nothing was read. "
+                          f"Allowed: local paths under {self.policy.describe()['roots']} and "
+                          f"s3:// objects in {self.policy.describe()['buckets']}",
+                "refused": [{"uri": d.uri, "reason": d.reason} for d in refused],
+            })
+        results = await asyncio.gather(*[self._in_thread(self._annotate, d.path, d.uri) for d in decisions])
+        return {
+            "files": [_clean_row(f) for f, _ in results],
+            "segments": [_clean_row(s) for _, segs in results for s in segs],
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# building the application
+
+
+def _member_names(bundle_uri: str) -> list[str]:
+    from ser_ray.ensemble.bundle import read_bundle_json
+
+    # bundle.json only: the driver needs the member names, not the models
+    return [m["name"] for m in read_bundle_json(bundle_uri)["members"]]
+
+
+def _deployment_name(name: str) -> str:
+    return "member-" + re.sub(r"[^A-Za-z0-9_\-]", "-", str(name))
+
+
+def build_app(config: ServeConfig) -> Application:
+    """The Serve application for ``config``: ``serve.run(build_app(cfg), route_prefix=cfg.route_prefix)``."""
+    device = "cuda" if config.num_gpus > 0 else "cpu"
+    actor = {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus}
+    members = []
+    for index, name in enumerate(_member_names(config.bundle)):
+        members.append(
+            MemberModel.options(
+                name=_deployment_name(name),
+                num_replicas=config.num_replicas,
+                ray_actor_options=actor,
+                # a batch only fills when this many requests can wait at a replica (RAY-NOTES)
+                max_ongoing_requests=2 * config.max_batch_size,
+            ).bind(config.bundle, index, config.max_batch_size, config.batch_wait_timeout_s, device)
+        )
+    return Ingress.options(
+        name="ingress",
+        num_replicas=config.ingress_replicas,
+        ray_actor_options={"num_cpus": config.ingress_num_cpus},
+        max_ongoing_requests=max(64, 4 * config.ingress_threads),
+    ).bind(dataclasses.asdict(config), members)
+
+
+def app_builder(args: dict) -> Application:
+    """For ``serve run ser_ray.serve.app:app_builder bundle=PATH allowed_roots=/a,/b`` and config files."""
+    return build_app(ServeConfig.from_dict(dict(args)))

@@ -1,0 +1,135 @@
+"""The typed training configuration: one dataclass, loadable from YAML with ``key=value`` overrides.
+
+A YAML file holds the ``TrainConfig`` fields at the top level plus a ``data`` section (which corpus,
+split protocol and feature settings a ``ser-ray train`` run uses). Overrides use dotted keys and YAML
+values: ``epochs=5``, ``hparams.dropout=0.3``, ``data.protocol=loso``, ``augment={}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEDULERS = ("plateau", "cosine")
+PROTOCOLS = ("loso", "kfold", "cremad-fixed", "fixed")  # see ser_ray.splits
+
+
+@dataclasses.dataclass
+class DataSpec:
+    """Where a ``ser-ray train`` / ``ser-ray cv`` run gets its clips and how it splits them."""
+
+    corpus: str | None = None  # cremad | ravdess | emodb | synthetic
+    root: str | None = None  # corpus directory or s3:// prefix
+    manifest: str | None = None  # or a manifest file (Parquet/CSV) instead of corpus + root
+    protocol: str = "kfold"  # loso | kfold | cremad-fixed | fixed (70/10/20 speakers)
+    k: int = 5  # folds for kfold
+    test_fold: int = 0  # the fold held out by `ser-ray train` (kfold/loso)
+    val_fraction: float = 0.15  # share of training speakers held out for validation
+    cache_root: str | None = None  # feature cache root; default <out>/cache
+    features: dict = dataclasses.field(default_factory=dict)  # FeatureConfig overrides, e.g. n_mels
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"data.protocol {self.protocol!r}: choose one of {list(PROTOCOLS)}")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything one training run needs besides the data itself."""
+
+    family: str = "cnn"
+    hparams: dict = dataclasses.field(default_factory=dict)  # model hyperparameters (see models)
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    grad_clip: float | None = 5.0  # max gradient norm; None or 0 turns clipping off
+    scheduler: str | None = None  # plateau | cosine; None: cosine for wav2vec2, plateau otherwise
+    patience: int = 8  # epochs without a better val UA before stopping; 0 turns early stopping off
+    class_weighted: bool = True  # cross-entropy weighted by inverse training class frequency
+    augment: dict = dataclasses.field(default_factory=dict)  # Augmenter settings; {} = no augmentation
+    num_workers: int = 1  # Ray Train workers (data-parallel)
+    cpus_per_worker: float = 1.0  # CPUs reserved per worker; torch uses as many threads
+    use_gpu: bool | None = None  # None: use a GPU when the cluster has one
+    gpus_per_worker: float = 1.0  # with use_gpu; a fraction (0.5) lets two runs share one GPU
+    amp: bool | None = None  # mixed precision; None: on with CUDA, never without it
+    seed: int = 0
+    label_map: str = "six"
+    max_failures: int = 2  # worker-group restarts (from the last checkpoint) before giving up
+    storage_path: str | None = None  # Ray Train storage (local dir or s3://); default <out>/ray
+    name: str | None = None  # Ray Train run name; a rerun with the same name resumes
+    data: DataSpec = dataclasses.field(default_factory=DataSpec)
+
+    def __post_init__(self):
+        if isinstance(self.data, dict):
+            self.data = DataSpec(**self.data)
+        if self.scheduler is None:
+            self.scheduler = "cosine" if self.family == "wav2vec2" else "plateau"
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler {self.scheduler!r}: choose one of {list(SCHEDULERS)}")
+        for name in ("epochs", "batch_size", "num_workers"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        data = dict(data)
+        _check_keys(cls, data, "train config")
+        if isinstance(data.get("data"), dict):
+            _check_keys(DataSpec, data["data"], "train config 'data' section")
+        return cls(**data)
+
+
+def _check_keys(cls, data: dict, where: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """``data`` with each ``dotted.key=value`` applied; values are parsed as YAML (``5``, ``0.3``, ``null``)."""
+    data = dict(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value, e.g. epochs=5 or hparams.dropout=0.3")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            # copy nested dicts so the caller's dict is never modified
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def config_to_plain(config: TrainConfig | dict) -> dict:
+    return config.to_dict() if isinstance(config, TrainConfig) else dict(config)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **defaults: Any) -> TrainConfig:
+    """A ``TrainConfig`` from a YAML file (or just ``defaults``) with ``overrides`` applied last."""
+    data: dict = dict(defaults)
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a train config is a YAML mapping of keys to values")
+        data.update(loaded)
+    data = apply_overrides(data, overrides)
+    try:
+        return TrainConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path or 'train config'}: {exc}") from exc

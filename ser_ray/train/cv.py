@@ -1,0 +1,251 @@
+"""Speaker-independent cross-validation of one model family, written to a result directory.
+
+manifest -> label map -> speaker-disjoint folds -> feature cache -> per fold: speaker-disjoint
+validation split of the training speakers, ``fit`` (best epoch chosen on validation, never on test),
+predictions for the held-out speakers. The result directory::
+
+    folds.json                 speakers of every fold (test / train / val)
+    fold_<i>/metrics.json      UA, WA, macro-F1, per class, confusion, by intensity, ECE, best epoch
+    fold_<i>/predictions.parquet
+    fold_<i>/model/            the selected model (save_model layout)
+    fold_<i>/learning_curves.png
+    confusion.png              confusion matrix summed over folds (row-normalised)
+    summary.json               mean ± std over folds, labels, label map, protocol, leak check
+    ray/                       Ray Train runs (checkpoints), unless storage_path says otherwise
+
+A rerun into the same directory skips folds that already have ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ser_ray.features.config import FeatureConfig
+from ser_ray.train.config import TrainConfig
+from ser_ray.train.metrics import (
+    classification_metrics,
+    expected_calibration_error,
+    metrics_by_group,
+    summarize_folds,
+)
+
+log = logging.getLogger(__name__)
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def load_manifest(config: TrainConfig) -> pd.DataFrame:
+    """The run's manifest (built from ``data.corpus`` + ``data.root`` or read from ``data.manifest``)."""
+    data = config.data
+    if data.manifest:
+        from ser_ray.corpora.manifest import read_manifest
+
+        df = read_manifest(data.manifest)
+    elif data.corpus and data.root:
+        from ser_ray.corpora import build_manifest
+
+        df, _ = build_manifest(data.corpus, data.root)
+    else:
+        raise ValueError("no data: set data.corpus and data.root (e.g. --corpus emodb --root DIR) or data.manifest")
+    if len(df) == 0:
+        raise ValueError(f"no clips found for {data.manifest or data.root}")
+    return df
+
+
+def label_mapped(manifest: pd.DataFrame, label_map: str) -> tuple[pd.DataFrame, list[str]]:
+    """The manifest under ``label_map`` and its labels in canonical order."""
+    from ser_ray.corpora.labels import CANONICAL, apply_label_map
+
+    df = apply_label_map(manifest, label_map)
+    present = set(df["emotion"])
+    return df, [label for label in CANONICAL if label in present]
+
+
+def assign_folds(df: pd.DataFrame, protocol: str, k: int, seed: int) -> tuple[pd.DataFrame, int]:
+    """``df`` with ``fold`` (loso/kfold) or ``split`` (cremad-fixed/fixed) and the number of test folds."""
+    from ser_ray import splits
+
+    df = splits.apply_protocol(df, protocol, k=k, seed=seed)
+    return df, (int(df["fold"].max()) + 1 if "fold" in df.columns else 1)
+
+
+def fold_frames(df: pd.DataFrame, protocol: str, fold: int, val_fraction: float, seed: int):
+    """(train, val, test) rows of one fold of ``assign_folds(df, protocol, ...)``.
+
+    Validation speakers are drawn from the training speakers (fixed splits bring their own).
+    """
+    from ser_ray import splits
+
+    if "split" in df.columns:  # a fixed split brings its own validation speakers
+        return df[df["split"] == "train"], df[df["split"] == "val"], df[df["split"] == "test"]
+    test = df[df["fold"] == fold]
+    train, val = splits.train_val_split(df[df["fold"] != fold], val_frac=val_fraction, seed=seed + fold)
+    return train, val, test
+
+
+def _speakers(df: pd.DataFrame) -> list[str]:
+    return sorted(df["speaker"].astype(str).unique())
+
+
+# -- one fold --------------------------------------------------------------------------------------
+
+
+def run_fold(
+    fold: int,
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame,
+    test_df: pd.DataFrame,
+    labels: list[str],
+    feature_config: FeatureConfig,
+    config: TrainConfig,
+    fold_dir: Path,
+    *,
+    run_name: str,
+    storage_path: str,
+    extra_loop_config: dict | None = None,
+) -> dict:
+    """Train on ``train_df``, select on ``val_df``, evaluate on ``test_df``; write ``fold_dir``; return metrics."""
+    from ser_ray.models import load_model, save_model
+    from ser_ray.report.plots import plot_learning_curves
+    from ser_ray.train.evaluate import predict
+    from ser_ray.train.loop import fit
+
+    start = time.perf_counter()
+    result = fit(train_df, val_df, labels, feature_config, config, name=run_name,
+                 storage_path=storage_path, extra_loop_config=extra_loop_config)
+    predictions = predict(result.best_checkpoint, test_df, batch_size=max(64, config.batch_size))
+    metrics = classification_metrics(predictions["true"], predictions["pred"], labels)
+    probs = predictions[[f"prob_{label}" for label in labels]].to_numpy()
+    y = predictions["true"].map({label: i for i, label in enumerate(labels)}).to_numpy()
+    metrics.update(
+        fold=fold,
+        ece=expected_calibration_error(probs, y),
+        by_intensity=metrics_by_group(predictions, "intensity") if "intensity" in predictions else {},
+        test_speakers=_speakers(test_df),
+        val_speakers=_speakers(val_df),
+        n_train=len(train_df),
+        n_val=len(val_df),
+        best_epoch=int(result.best_metrics["epoch"]),
+        epochs_run=len(result.history),
+        best_val=dict(result.best_metrics),
+        checkpoint=result.best_checkpoint,
+        seconds=round(time.perf_counter() - start, 1),
+    )
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    model, meta = load_model(result.best_checkpoint)
+    save_model(str(fold_dir / "model"), model, family=meta.family, hparams=meta.hparams, labels=meta.labels,
+               feature_config=meta.feature_config, extra=meta.extra)
+    predictions.to_parquet(fold_dir / "predictions.parquet", index=False)
+    (fold_dir / "history.json").write_text(json.dumps(result.history, indent=1))
+    plot_learning_curves(result.history, fold_dir / "learning_curves.png", title=f"fold {fold}")
+    # metrics.json last: its presence marks the fold as done
+    (fold_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    log.info("fold %d: test UA %.3f WA %.3f macro-F1 %.3f (best epoch %d of %d, %.0f s)", fold,
+             metrics["ua"], metrics["wa"], metrics["macro_f1"], metrics["best_epoch"], metrics["epochs_run"],
+             metrics["seconds"])
+    return metrics
+
+
+# -- the whole cross-validation --------------------------------------------------------------------
+
+
+def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None,
+           folds: list[int] | None = None) -> dict:
+    """Cross-validate ``config.family`` on ``config.data``; write the result directory ``out``; return the summary.
+
+    ``folds`` picks test folds to run (``ser-ray train`` runs one); ``max_folds`` the first N.
+    """
+    from ser_ray.features.pipeline import load_cache_pandas, prepare
+    from ser_ray.models import family_input_kind
+    from ser_ray.report.plots import plot_confusion
+
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data = config.data
+    manifest, labels = label_mapped(load_manifest(config), config.label_map)
+    if len(labels) < 2:
+        raise ValueError(f"only labels {labels} after label map {config.label_map!r}: nothing to classify")
+    manifest, n_folds = assign_folds(manifest, data.protocol, data.k, config.seed)
+    chosen = list(range(n_folds)) if folds is None else list(folds)
+    if max_folds is not None:
+        chosen = chosen[:max_folds]
+    bad = [f for f in chosen if not 0 <= f < n_folds]
+    if bad:
+        raise ValueError(f"fold(s) {bad} do not exist: protocol {data.protocol} has folds 0..{n_folds - 1}")
+
+    # Speaker lists of every fold, written before any training so a reader can check the split.
+    fold_frames_ = {f: fold_frames(manifest, data.protocol, f, data.val_fraction, config.seed) for f in range(n_folds)}
+    fold_lists = []
+    leaky = False
+    for f, (tr, va, te) in fold_frames_.items():
+        s_tr, s_va, s_te = set(_speakers(tr)), set(_speakers(va)), set(_speakers(te))
+        overlap = sorted((s_tr & s_va) | (s_tr & s_te) | (s_va & s_te))
+        leaky |= bool(overlap)
+        fold_lists.append({"fold": f, "test_speakers": sorted(s_te), "val_speakers": sorted(s_va),
+                           "train_speakers": sorted(s_tr), "n_train": len(tr), "n_val": len(va),
+                           "n_test": len(te), "overlap": overlap})
+    (out / "folds.json").write_text(json.dumps({"protocol": data.protocol, "k": data.k, "seed": config.seed,
+                                                "folds": fold_lists}, indent=1))
+    if leaky:
+        raise RuntimeError(f"{out}/folds.json: speakers shared between train/val/test; the split is not speaker-independent")
+
+    feature_config = FeatureConfig(**{"kind": family_input_kind(config.family), **data.features})
+    cache_root = data.cache_root or str(out / "cache")
+    from ser_ray.corpora.manifest import MANIFEST_COLUMNS
+
+    # manifest columns only: the cache is shared by every protocol/fold assignment of these clips
+    cache = prepare(manifest[list(MANIFEST_COLUMNS)], cache_root, feature_config)
+    if cache.n_error:
+        log.warning("%d clip(s) failed feature extraction and are left out, e.g. %s", cache.n_error, cache.errors[:1])
+    features = load_cache_pandas(cache)[["path", "features", "error"]]
+    rows = manifest.merge(features, on="path", how="left", validate="one_to_one")
+
+    storage_path = config.storage_path or str(out / "ray")
+    run_id = config.name or f"{config.family}-{data.protocol}"
+    all_metrics = []
+    for f in chosen:
+        fold_dir = out / f"fold_{f}"
+        if (fold_dir / "metrics.json").exists():
+            log.info("fold %d: already done (%s), skipping", f, fold_dir / "metrics.json")
+            all_metrics.append(json.loads((fold_dir / "metrics.json").read_text()))
+            continue
+        tr, va, te = (rows[rows["path"].isin(part["path"])] for part in fold_frames_[f])
+        log.info("fold %d/%d: train %d clips (%d speakers), val %d (%d), test %d (%s)", f + 1, n_folds,
+                 len(tr), tr["speaker"].nunique(), len(va), va["speaker"].nunique(), len(te),
+                 ", ".join(_speakers(te)[:4]) + ("..." if te["speaker"].nunique() > 4 else ""))
+        all_metrics.append(run_fold(f, tr, va, te, labels, feature_config, config, fold_dir,
+                                    run_name=f"{run_id}-fold{f}", storage_path=storage_path))
+
+    confusion = np.sum([np.asarray(m["confusion"]) for m in all_metrics], axis=0)
+    plot_confusion(confusion, labels, out / "confusion.png",
+                   title=f"{config.family} {data.protocol}: {len(all_metrics)} fold(s), row-normalised")
+    summary = {
+        **summarize_folds(all_metrics),
+        "family": config.family,
+        "corpus": data.corpus,
+        "protocol": data.protocol,
+        "n_folds": n_folds,
+        "folds_run": chosen,
+        "labels": labels,
+        "label_map": config.label_map,
+        "leaky": leaky,
+        "n_clips": int(len(manifest)),
+        "n_speakers": int(manifest["speaker"].nunique()),
+        "confusion": confusion.tolist(),
+        "feature_config": feature_config.to_dict(),
+        "feature_cache": cache.path,
+        "config": config.to_dict(),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    log.info("%s %s over %d fold(s): UA %.3f ± %.3f, WA %.3f ± %.3f, macro-F1 %.3f ± %.3f -> %s",
+             config.family, data.protocol, len(all_metrics), summary["ua"]["mean"], summary["ua"]["std"],
+             summary["wa"]["mean"], summary["wa"]["std"], summary["macro_f1"]["mean"],
+             summary["macro_f1"]["std"], out)
+    return summary

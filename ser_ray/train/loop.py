@@ -1,0 +1,448 @@
+"""The one training loop: a Ray Train worker function used for every model family.
+
+``train_loop_per_worker(config)`` is driven only by its config dict (see :func:`loop_config`), so a
+``TorchTrainer`` started by ``fit``, by ``ser-ray cv`` or by a Ray Tune trial runs the same code.
+Each epoch reports metrics and a checkpoint (the ``save_model`` layout plus ``train_state.pt``);
+a restarted worker group resumes from ``ray.train.get_checkpoint()``.
+
+``fit(train_df, val_df, labels, feature_config, config)`` is the driver side: feature-cache rows ->
+materialised Ray Datasets -> ``TorchTrainer.fit()`` -> :class:`TrainResult`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ser_ray.features.config import FeatureConfig
+from ser_ray.train.config import TrainConfig, config_to_plain
+
+log = logging.getLogger(__name__)
+
+TRAIN_STATE = "train_state.pt"  # optimizer/scheduler/scaler state, epoch and history, next to the model
+LOCAL_SHUFFLE_ROWS = 2048  # rows in the per-worker shuffle buffer (datasets are shuffled once up front too)
+
+
+# -- worker side -----------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Train one model on this worker's shards of the ``train`` and ``val`` datasets.
+
+    ``config``: ``train`` (TrainConfig as dict), ``labels``, ``feature_config`` (dict),
+    ``class_counts`` (training clips per label) and the test-only ``fail_at_epoch`` /
+    ``fail_marker`` (exit the worker process once at the start of that epoch).
+    """
+    import ray.train
+    import ray.train.torch
+    from safetensors.torch import load_file
+
+    from ser_ray.models import MODEL_WEIGHTS, build_model
+
+    cfg = TrainConfig.from_dict(config["train"])
+    labels = list(config["labels"])
+    feature_config = FeatureConfig.from_dict(config["feature_config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    # Ray pins OMP_NUM_THREADS to the worker's CPUs; torch follows the same budget.
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    np.random.seed(cfg.seed + rank)
+
+    device = ray.train.torch.get_device()
+    cuda = device.type == "cuda"
+    use_amp = cuda and cfg.amp is not False  # AMP only ever on CUDA
+
+    model = build_model(cfg.family, len(labels), feature_config, **cfg.hparams)
+    checkpoint = ray.train.get_checkpoint()
+    resumed: dict | None = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(load_file(os.path.join(d, MODEL_WEIGHTS)))
+            resumed = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=False)
+    model = ray.train.torch.prepare_model(model)  # to device; DistributedDataParallel when world > 1
+    core = getattr(model, "module", model)
+
+    optimizer = torch.optim.AdamW(_param_groups(core, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = _scheduler(optimizer, cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    weight = _class_weights(config.get("class_counts"), labels) if cfg.class_weighted else None
+    loss_fn = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device))
+    augmenter = _augmenter(cfg.augment, feature_config, cfg.seed + rank)
+
+    state = {"epoch": 0, "history": [], "best_val_ua": -1.0, "best_epoch": -1, "bad_epochs": 0, "stopped": False,
+             "restarts": 0}
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
+        state = resumed["state"]
+        state["restarts"] = state.get("restarts", 0) + 1
+        log.info("rank %d: resuming at epoch %d from %s", rank, state["epoch"], checkpoint.path)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    dtypes = {"features": torch.float32, "label": torch.int64}
+
+    for epoch in range(state["epoch"], cfg.epochs):
+        if state["stopped"]:
+            break
+        _maybe_fail(config, epoch, rank)
+        if hasattr(core, "on_epoch_start"):
+            core.on_epoch_start(epoch)  # e.g. wav2vec2 unfreezing its transformer
+        start = time.perf_counter()
+
+        # train
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        seen = 0
+        batches = train_shard.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            dtypes=dtypes,
+            device=device,
+            pin_memory=cuda,
+            local_shuffle_buffer_size=LOCAL_SHUFFLE_ROWS,
+            local_shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank,
+        )
+        for batch in batches:
+            x, y = batch["features"], batch["label"]
+            if augmenter is not None:
+                x = augmenter(x)  # training batches only
+            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                logits = model(x)
+                loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+        train_loss, train_acc = _all_sum([loss_sum, correct, torch.tensor(float(seen), device=device)])
+
+        # validate
+        val = _validate(model, val_shard, cfg, dtypes, device, len(labels), use_amp, loss_fn)
+        if cfg.scheduler == "plateau":
+            scheduler.step(val["val_ua"])
+        else:
+            scheduler.step()
+
+        improved = val["val_ua"] > state["best_val_ua"] + 1e-9
+        if improved:
+            state.update(best_val_ua=val["val_ua"], best_epoch=epoch, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        state["stopped"] = bool(cfg.patience and state["bad_epochs"] >= cfg.patience)
+        state["epoch"] = epoch + 1
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            **val,
+            "lr": float(optimizer.param_groups[-1]["lr"]),
+            "best_val_ua": state["best_val_ua"],
+            "best_epoch": state["best_epoch"],
+            "early_stop": state["stopped"],
+            "restarts": state["restarts"],  # worker-group restarts so far (resumed from checkpoints)
+            "epoch_s": time.perf_counter() - start,
+        }
+        state["history"].append(metrics)
+        _report(metrics, rank, core, cfg, labels, feature_config, optimizer, scheduler, scaler, state)
+        if state["stopped"]:
+            log.info("early stop after epoch %d: no better val UA for %d epochs", epoch, cfg.patience)
+
+
+def _validate(model, shard, cfg, dtypes, device, num_classes, use_amp, loss_fn) -> dict:
+    """Validation loss and UA/WA/macro-F1 from a confusion matrix summed over all workers."""
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=max(cfg.batch_size, 64), dtypes=dtypes, device=device):
+            x, y = batch["features"], batch["label"]
+            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                logits = model(x).float()
+            # unweighted loss: comparable across runs whatever the class weighting
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
+            flat = y * num_classes + logits.argmax(1)
+            confusion += torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
+    if _distributed():
+        torch.distributed.all_reduce(confusion)
+        torch.distributed.all_reduce(loss_sum)
+    from ser_ray.train.metrics import scores_from_confusion
+
+    scores = scores_from_confusion(confusion.cpu().numpy())
+    n = max(float(confusion.sum()), 1.0)
+    return {
+        "val_loss": float(loss_sum) / n,
+        "val_ua": scores["ua"],
+        "val_wa": scores["wa"],
+        "val_macro_f1": scores["macro_f1"],
+    }
+
+
+def _report(metrics, rank, core, cfg, labels, feature_config, optimizer, scheduler, scaler, state) -> None:
+    """Every worker reports; rank 0 attaches the checkpoint (model + training state)."""
+    import ray.train
+
+    from ser_ray.models import save_model
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="ser-ray-ckpt-") as d:
+        save_model(
+            d, core, family=cfg.family, hparams=cfg.hparams, labels=labels, feature_config=feature_config,
+            extra={"epoch": metrics["epoch"], "val_ua": metrics["val_ua"]},
+        )
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "state": state, "train_config": cfg.to_dict()},
+            os.path.join(d, TRAIN_STATE),
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _param_groups(model: nn.Module, cfg: TrainConfig):
+    # wav2vec2 offers layer-wise learning rates; other families train all parameters at cfg.lr
+    if hasattr(model, "param_groups"):
+        return model.param_groups(cfg.lr)
+    return [p for p in model.parameters()]
+
+
+def _scheduler(optimizer, cfg: TrainConfig):
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.lr * 0.01)
+    # halve the LR after a few epochs without a better val UA; stop early a little later
+    plateau = max(1, min(3, cfg.patience // 2 if cfg.patience else 3))
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=plateau)
+
+
+def _class_weights(class_counts: dict | None, labels: list[str]) -> torch.Tensor | None:
+    """Inverse-frequency weights normalised to mean 1 (a class without clips gets weight 0)."""
+    if not class_counts:
+        return None
+    counts = np.array([float(class_counts.get(label, 0)) for label in labels])
+    weights = np.where(counts > 0, counts.sum() / (len(labels) * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _augmenter(settings: dict, feature_config: FeatureConfig, seed: int):
+    """The training-batch augmenter (``ser_ray.audio.augment.Augmenter``), or None when off."""
+    if not settings:
+        return None
+    from ser_ray.audio.augment import Augmenter
+
+    augmenter = Augmenter(**{**settings, "seed": seed})
+    kind = "waveform" if feature_config.kind == "waveform" else "features"
+    return lambda x: augmenter(x, kind=kind)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _all_sum(values: list[torch.Tensor]) -> tuple[float, float]:
+    """(mean loss, accuracy) from per-worker (loss sum, correct, count), summed over workers."""
+    stacked = torch.stack([v.double() for v in values])
+    if _distributed():
+        torch.distributed.all_reduce(stacked)
+    loss_sum, correct, count = stacked.tolist()
+    count = max(count, 1.0)
+    return loss_sum / count, correct / count
+
+
+def _maybe_fail(config: dict, epoch: int, rank: int) -> None:
+    """Test hook: kill this worker process once, at the start of ``fail_at_epoch``."""
+    marker = config.get("fail_marker")
+    if config.get("fail_at_epoch") == epoch and rank == 0 and marker and not os.path.exists(marker):
+        import ray.train
+
+        # wait until Train has registered the checkpoints reported so far: a crash is then
+        # guaranteed to resume from the last one rather than racing the controller's poll
+        ray.train.get_all_reported_checkpoints(timeout_s=120)
+        Path(marker).write_text(f"killed at epoch {epoch}\n")
+        log.warning("test hook: killing worker process %d at epoch %d", os.getpid(), epoch)
+        os._exit(1)
+
+
+# -- driver side -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    best_checkpoint: str  # directory (local or s3://) in the save_model layout, chosen on val UA
+    best_metrics: dict  # the reported metrics of that epoch
+    history: list[dict]  # one dict per epoch, in order (resumed runs included once)
+    path: str  # the Ray Train run directory
+    labels: list[str]
+    config: dict  # the TrainConfig used
+
+
+def make_dataset(df: pd.DataFrame, labels: list[str], *, shuffle_seed: int | None = None):
+    """Feature-cache rows -> a materialised Ray Dataset with ``features`` (tensor) and ``label`` (int64)."""
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    from ser_ray.features.pipeline import features_array
+
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = sorted(set(df["emotion"]) - set(index))
+    if unknown:
+        raise ValueError(f"rows with labels {unknown} are not in the label list {labels}; apply the label map first")
+    if shuffle_seed is not None:  # one full shuffle up front; the loop adds a local shuffle per epoch
+        df = df.sample(frac=1.0, random_state=shuffle_seed)
+    table = pa.table({
+        "features": ArrowTensorArray.from_numpy(features_array(df)),
+        "label": pa.array(df["emotion"].map(index).to_numpy(np.int64)),
+    })
+    return ray.data.from_arrow(table)
+
+
+def usable_rows(df: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Rows without a feature-extraction error (logging how many were dropped)."""
+    if "error" in df.columns:
+        bad = df["error"].notna()
+        if bad.any():
+            log.warning("%s: dropping %d clip(s) whose features failed, e.g. %s", what, int(bad.sum()),
+                        df.loc[bad, "error"].iloc[0])
+            df = df[~bad]
+    if len(df) == 0:
+        raise ValueError(f"{what}: no usable clips")
+    return df
+
+
+def loop_config(config: TrainConfig, labels: list[str], feature_config: FeatureConfig, train_df: pd.DataFrame) -> dict:
+    """The ``train_loop_config`` of a run: everything the worker needs, as plain values."""
+    counts = train_df["emotion"].value_counts()
+    return {
+        "train": config_to_plain(config),
+        "labels": list(labels),
+        "feature_config": feature_config.to_dict(),
+        "class_counts": {label: int(counts.get(label, 0)) for label in labels},
+    }
+
+
+def make_trainer(loop_cfg: dict, datasets: dict, config: TrainConfig, *, name: str, storage_path: str,
+                 callbacks: list | None = None):
+    """The ``TorchTrainer`` for one run (Tune wraps this with its own callbacks)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = config.use_gpu
+    if use_gpu is None:  # auto: a GPU when the cluster has one
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_cfg,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=bool(use_gpu),
+            resources_per_worker={"CPU": config.cpus_per_worker,
+                                  **({"GPU": config.gpus_per_worker} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_ua", checkpoint_score_order="max"
+            ),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+    )
+
+
+def fit(
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame,
+    labels: list[str],
+    feature_config: FeatureConfig,
+    config: TrainConfig,
+    *,
+    name: str | None = None,
+    storage_path: str | None = None,
+    extra_loop_config: dict | None = None,
+) -> TrainResult:
+    """Train ``config.family`` on feature-cache rows with Ray Train; select the best epoch on ``val_df``.
+
+    ``train_df``/``val_df`` are feature-cache rows (manifest columns + ``features``), already label
+    mapped. Rerunning with the same ``(storage_path, name)`` resumes that run.
+    """
+    train_df = usable_rows(train_df, "training set")
+    val_df = usable_rows(val_df, "validation set")
+    name = name or config.name or f"{config.family}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    storage_path = storage_path or config.storage_path or str(Path("~/ser-ray-results").expanduser())
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).expanduser().resolve())
+    datasets = {
+        "train": make_dataset(train_df, labels, shuffle_seed=config.seed),
+        "val": make_dataset(val_df, labels),
+    }
+    loop_cfg = {**loop_config(config, labels, feature_config, train_df), **(extra_loop_config or {})}
+    log.info("training %s on %d clips (val %d), %d labels, up to %d epochs -> %s/%s",
+             config.family, len(train_df), len(val_df), len(labels), config.epochs, storage_path, name)
+    result = make_trainer(loop_cfg, datasets, config, name=name, storage_path=storage_path).fit()
+    return train_result(result, labels, config)
+
+
+def train_result(result, labels: list[str], config: TrainConfig) -> TrainResult:
+    """A :class:`TrainResult` from a finished ``ray.train.Result`` (best epoch by val UA, then val loss)."""
+    if result.error is not None:
+        raise RuntimeError(f"training run {result.path} failed: {result.error}") from result.error
+    candidates = list(result.best_checkpoints or [])
+    if not candidates:
+        raise RuntimeError(f"training run {result.path} reported no checkpoint")
+    best_ckpt, best_metrics = max(candidates, key=lambda cm: (cm[1]["val_ua"], -cm[1]["val_loss"]))
+    history = _history(result)
+    return TrainResult(
+        best_checkpoint=checkpoint_uri(best_ckpt),
+        best_metrics=dict(best_metrics),
+        history=history,
+        path=result.path,
+        labels=list(labels),
+        config=config_to_plain(config),
+    )
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """A checkpoint's directory as a local path or ``s3://`` URI (what ``load_model`` reads)."""
+    fs = getattr(checkpoint, "filesystem", None)
+    if fs is not None and fs.type_name == "s3" and not checkpoint.path.startswith("s3://"):
+        return "s3://" + checkpoint.path
+    return checkpoint.path
+
+
+def _history(result) -> list[dict]:
+    """Per-epoch metrics from the latest checkpoint's state (one entry per epoch even after restarts)."""
+    latest = result.checkpoint
+    if latest is not None:
+        with latest.as_directory() as d:
+            path = os.path.join(d, TRAIN_STATE)
+            if os.path.exists(path):
+                return list(torch.load(path, map_location="cpu", weights_only=False)["state"]["history"])
+    frame = result.metrics_dataframe
+    if frame is None:
+        return []
+    return [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+            for row in frame.to_dict("records")]

@@ -1,0 +1,155 @@
+"""Bundles (save/load, local and S3, clear errors) and ensemble fitting (temperatures, weights, CLI)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+from scipy.special import softmax
+
+from ser_ray.ensemble import Bundle, Member, load_bundle, save_bundle
+from ser_ray.ensemble.fit import fit_temperature, fit_weights, nll
+from ser_ray.features.config import FeatureConfig
+from ser_ray.models import build_model, save_model
+
+LABELS = ["anger", "happiness", "neutral", "sadness"]
+FC = FeatureConfig(n_mels=32)
+
+
+def tiny_bundle() -> Bundle:
+    torch.manual_seed(0)
+    cnn = build_model("cnn", len(LABELS), FC, width=4).eval()
+    gru = build_model("bigru_attn", len(LABELS), FC, hidden=8, layers=1, attn_dim=8).eval()
+    return Bundle(
+        LABELS,
+        [Member("cnn", cnn, FC, weight=0.7, temperature=1.5), Member("bigru_attn", gru, FC, weight=0.3, temperature=0.8)],
+        data_summary={"corpora": ["synthetic"]},
+    )
+
+
+def waves(n=5, seed=0):
+    return (np.random.default_rng(seed).standard_normal((n, 48_000)) * 0.1).astype(np.float32)
+
+
+def test_bundle_round_trip_local(tmp_path):
+    bundle = tiny_bundle()
+    save_bundle(bundle, str(tmp_path / "b"))
+    desc = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    assert desc["schema_version"] == 1 and desc["labels"] == LABELS
+    assert [m["path"] for m in desc["members"]] == ["members/cnn", "members/bigru_attn"]
+    assert desc["members"][0]["temperature"] == 1.5 and desc["members"][0]["feature_config"]["n_mels"] == 32
+    assert {"sample_rate", "window_s", "data_summary", "ser_ray_version", "created"} <= set(desc)
+
+    loaded = load_bundle(str(tmp_path / "b"))
+    x = waves()
+    np.testing.assert_allclose(loaded.predict_proba(x), bundle.predict_proba(x), atol=1e-6)
+    assert [m.weight for m in loaded.members] == [0.7, 0.3]
+    # member_logits + combine is exactly predict_proba (Serve runs them in separate deployments)
+    parts = [loaded.member_logits(i, x) for i in range(2)]
+    np.testing.assert_allclose(loaded.combine(parts), loaded.predict_proba(x), atol=1e-6)
+    probs = loaded.predict_proba(x)
+    assert probs.shape == (5, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_bundle_round_trip_s3(s3_bucket):
+    bucket, client = s3_bucket
+    bundle = tiny_bundle()
+    save_bundle(bundle, f"s3://{bucket}/bundles/v1")
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert "bundles/v1/bundle.json" in keys and "bundles/v1/members/cnn/model.safetensors" in keys
+    loaded = load_bundle(f"s3://{bucket}/bundles/v1")
+    np.testing.assert_allclose(loaded.predict_proba(waves()), bundle.predict_proba(waves()), atol=1e-6)
+
+
+def _edit_json(path, edit):
+    desc = json.loads(path.read_text())
+    edit(desc)
+    path.write_text(json.dumps(desc))
+
+
+def test_bundle_schema_and_feature_config_mismatch_fail_clearly(tmp_path):
+    save_bundle(tiny_bundle(), str(tmp_path / "b"))
+    bj = tmp_path / "b" / "bundle.json"
+    original = bj.read_text()
+
+    _edit_json(bj, lambda d: d.update(schema_version=99))
+    with pytest.raises(ValueError, match="schema version 99"):
+        load_bundle(str(tmp_path / "b"))
+
+    bj.write_text(original)
+    _edit_json(bj, lambda d: d["members"][1]["feature_config"].update(n_mels=64))
+    with pytest.raises(ValueError, match=r"member 'bigru_attn'.*feature config.*n_mels.*\(64, 32\)"):
+        load_bundle(str(tmp_path / "b"))
+
+    with pytest.raises(FileNotFoundError, match="bundle.json"):
+        load_bundle(str(tmp_path / "nowhere"))
+
+
+def test_members_must_share_window():
+    model = build_model("cnn", 4, FeatureConfig(window_s=2.0), width=4)
+    with pytest.raises(ValueError, match="share"):
+        Bundle(LABELS, [Member("cnn", model, FeatureConfig(window_s=2.0))], window_s=3.0)
+
+
+def toy_problem(n=400, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    onehot = np.eye(classes)[y]
+    good = 4.0 * onehot + rng.standard_normal((n, classes))  # mostly right, overconfident
+    flip = rng.random(n) < 0.15  # some confidently wrong answers: a temperature above 1 helps
+    good[flip] = 4.0 * np.eye(classes)[rng.integers(0, classes, flip.sum())] + rng.standard_normal((flip.sum(), classes))
+    good *= 3.0  # sharpen: a well-ranked but overconfident member
+    poor = 0.5 * onehot + rng.standard_normal((n, classes))  # barely informative
+    return good, poor, y
+
+
+def test_temperature_reduces_nll_and_weights_favour_better_member():
+    good, poor, y = toy_problem()
+    t = fit_temperature(good, y)
+    assert t > 1.0
+    assert nll(softmax(good / t, axis=1), y) < nll(softmax(good, axis=1), y) - 0.05
+
+    w = fit_weights([softmax(good / t, axis=1), softmax(poor / fit_temperature(poor, y), axis=1)], y)
+    assert w.shape == (2,) and abs(w.sum() - 1) < 1e-9 and w[0] > 0.7
+
+
+def test_ensemble_command_from_model_dirs(tmp_path):
+    from ser_ray.cli import main
+    from ser_ray.corpora.manifest import write_manifest
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(16):
+        path = tmp_path / "audio" / f"clip{i}.wav"
+        path.parent.mkdir(exist_ok=True)
+        sf.write(path, (rng.standard_normal(16_000 * 2) * 0.1).astype(np.float32), 16_000)
+        rows.append({
+            "path": str(path), "corpus": "synthetic", "speaker": f"synthetic:{1001 + i % 4}", "gender": "female",
+            "sentence": "IEO", "emotion": LABELS[i % 4], "intensity": "XX", "duration_s": 2.0, "sample_rate": 16_000,
+            "split": "val" if i < 10 else "test",
+        })
+    manifest = write_manifest(pd.DataFrame(rows), str(tmp_path / "manifest.parquet"))
+    bundle = tiny_bundle()
+    dirs = []
+    for m in bundle.members:
+        d = tmp_path / "runs" / m.name / "model"  # a train result dir: the model sits in model/
+        save_model(str(d), m.model, family=m.family, hparams=m.resolved_hparams(), labels=LABELS, feature_config=FC)
+        dirs.append(str(d.parent))
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "best.json").write_text(json.dumps({m.family: {"checkpoint_path": d, "val_ua": 0.3} for m, d in zip(bundle.members, dirs)}))
+
+    out = tmp_path / "bundle"
+    assert main(["ensemble", "--from", str(tmp_path / "exp"), "--out", str(out), "--manifest", manifest]) == 0
+    report = json.loads((out / "ensemble_metrics.json").read_text())
+    assert set(report["validation"]["members"]) == {"cnn", "bigru_attn"}
+    for split in ("validation", "test"):
+        assert {"ua", "wa", "macro_f1", "ece"} <= set(report[split]["ensemble"])
+    assert report["test"]["ensemble"]["n"] == 6
+    loaded = load_bundle(str(out))
+    assert abs(sum(m.weight for m in loaded.members) - 1) < 1e-6
+    assert loaded.data_summary["n_val"] == 10
+    assert loaded.members[0].metrics["validation"]["n"] == 10

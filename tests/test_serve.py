@@ -1,0 +1,299 @@
+"""The Serve app over real HTTP: predictions, annotation rows, access control, upload limits, the client.
+
+One tiny two-member bundle (random cnn + bigru_attn on 1 s log-mel windows) is served once for the
+module on 127.0.0.1; every test talks to it with httpx like a user would.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import types
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import free_port
+from ser_ray.features.config import FeatureConfig
+
+LABELS = ["anger", "disgust", "fear", "happiness", "neutral", "sadness"]
+FEATURES = FeatureConfig(kind="logmel", window_s=1.0, n_mels=32, n_fft=512, hop_length=256)
+MAX_UPLOAD_MB = 0.25
+
+
+def tone(seconds: float, sr: int = 16_000, freq: float = 220.0, seed: int = 0, channels: int = 1) -> np.ndarray:
+    """A loud noisy harmonic signal (passes the energy VAD), ``[samples, channels]``."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    x = 0.3 * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(len(t))
+    return np.repeat(x[:, None], channels, axis=1).astype(np.float32)
+
+
+def make_bundle(directory) -> str:
+    from ser_ray.ensemble.bundle import Bundle, Member, save_bundle
+    from ser_ray.models import build_model
+
+    torch.manual_seed(0)
+    members = [
+        Member("cnn", build_model("cnn", len(LABELS), FEATURES, width=8), FEATURES, weight=0.6, temperature=1.5, name="cnn"),
+        Member("bigru_attn", build_model("bigru_attn", len(LABELS), FEATURES, hidden=16, attn_dim=16), FEATURES,
+               weight=0.4, temperature=1.0, name="bigru"),
+    ]
+    for m in members:
+        m.model.eval()
+    save_bundle(Bundle(labels=LABELS, members=members, sample_rate=16_000, window_s=1.0), str(directory))
+    return str(directory)
+
+
+def test_access_policy_decides_without_reading(tmp_path):
+    """Lexical check first (no filesystem access for /etc/passwd), then realpath for symlinks."""
+    from ser_ray.serve.access import AccessPolicy
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "s.wav").write_bytes(b"x")
+    os.symlink(outside / "s.wav", root / "link.wav")
+    os.symlink(root, tmp_path / "root-alias")  # a root spelled through a symlink still works
+    policy = AccessPolicy([str(tmp_path / "root-alias")], ["bkt", "shared/team-a"])
+    allowed = [str(root / "a.wav"), str(tmp_path / "root-alias" / "a.wav"), "s3://bkt/x/y.wav",
+               "s3://shared/team-a/z.flac"]
+    for uri in allowed:
+        assert policy.check(uri).status == 200, uri
+    assert policy.check(str(tmp_path / "root-alias" / "a.wav")).path == str(root / "a.wav")
+    refused = {str(root / ".." / "outside" / "s.wav"): 403, str(root / "link.wav"): 403, "/etc/passwd": 403,
+               str(root) + "-other/a.wav": 403, "s3://other/x.wav": 403, "s3://shared/team-b/x.wav": 403,
+               "s3://bkt/a/../../other/x": 403, "s3://bkt": 400, "http://example.com/a.wav": 400,
+               "a.wav": 400, "": 400, "/x\x00y": 400}
+    for uri, status in refused.items():
+        assert policy.check(uri).status == status, uri
+
+
+def test_serve_config_from_string_args():
+    from ser_ray.serve.app import ServeConfig
+
+    cfg = ServeConfig.from_dict({"bundle": "s3://b/bundle", "allowed_roots": "/a, /b", "max_batch_size": "8",
+                                 "num_gpus": "0.5", "window_s": "none"})
+    assert (cfg.allowed_roots, cfg.max_batch_size, cfg.num_gpus, cfg.window_s) == (["/a", "/b"], 8, 0.5, None)
+    with pytest.raises(ValueError, match="unknown serve option.*max_bach"):
+        ServeConfig.from_dict({"bundle": "x", "max_bach": 4})
+    with pytest.raises(ValueError, match="needs `bundle`"):
+        ServeConfig.from_dict({})
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, tmp_path_factory):
+    import boto3
+    from ray import serve
+
+    from ser_ray.serve.app import ServeConfig, build_app
+
+    tmp = tmp_path_factory.mktemp("serve")
+    bundle = make_bundle(tmp / "bundle")
+    root = tmp / "audio"
+    (root / "sub").mkdir(parents=True)
+    sf.write(root / "a.wav", tone(2.5, seed=1), 16_000)
+    sf.write(root / "sub" / "b.flac", tone(3.2, sr=22_050, freq=330, seed=2, channels=2), 22_050)
+    sf.write(root / "c.wav", tone(1.7, freq=150, seed=3), 16_000)
+    (root / "notes.txt").write_text("not audio")
+    (root / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk")
+    outside = tmp / "outside"
+    outside.mkdir()
+    sf.write(outside / "secret.wav", tone(1.0), 16_000)
+    os.symlink(outside / "secret.wav", root / "link.wav")
+
+    bucket = f"serve-audio-{free_port()}"
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    sf.write(tmp / "s3.wav", tone(2.0, seed=4), 16_000)
+    s3.upload_file(str(tmp / "s3.wav"), bucket, "clips/s3.wav")
+
+    config = ServeConfig(
+        bundle=bundle, allowed_roots=[str(root)], allowed_buckets=[bucket], max_upload_mb=MAX_UPLOAD_MB,
+        hop_s=0.5, max_batch_size=8, num_cpus=0.5, ingress_num_cpus=0.25, ingress_threads=4,
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config), name="ser-ray-test", route_prefix="/")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        yield types.SimpleNamespace(http=http, url=f"http://127.0.0.1:{port}", root=root, outside=outside,
+                                    bucket=bucket, bundle=bundle, config=config, tmp=tmp)
+    serve.shutdown()
+
+
+def wav_bytes(seconds: float = 2.0, sr: int = 16_000) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, tone(seconds), sr, format="WAV")
+    return buf.getvalue()
+
+
+def assert_still_serving(served):
+    r = served.http.post("/annotate", json={"uris": [str(served.root / "a.wav")]})
+    assert r.status_code == 200, r.text
+    assert r.json()["files"][0]["status"] == "ok"
+
+
+def test_health_and_labels(served):
+    r = served.http.get("/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert r.json()["members"] == ["cnn", "bigru"]
+    assert served.http.get("/labels").json() == {"labels": LABELS}
+
+
+def test_predict_upload_gives_label_probabilities_and_segments(served):
+    r = served.http.post("/predict", files={"file": ("clip.wav", wav_bytes(2.0), "audio/wav")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["label"] in LABELS
+    assert set(body["probabilities"]) == set(LABELS)
+    assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert body["duration_s"] == pytest.approx(2.0)
+    # 1 s windows every 0.5 s over 2 s: starts 0, 0.5, 1.0 (the last one padded)
+    assert [s["start_s"] for s in body["segments"]] == [0.0, 0.5, 1.0]
+    for seg in body["segments"]:
+        assert seg["label"] in LABELS
+        assert sum(seg["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_annotate_rows_one_file_row_per_uri_and_error_rows_for_bad_files(served):
+    uris = [str(served.root / "a.wav"), str(served.root / "sub" / "b.flac"), str(served.root / "corrupt.wav"),
+            str(served.root / "notes.txt"), str(served.root / "missing.wav"), f"s3://{served.bucket}/clips/s3.wav"]
+    r = served.http.post("/annotate", json={"uris": uris})
+    assert r.status_code == 200, r.text
+    files = {f["uri"]: f for f in r.json()["files"]}
+    assert list(files) == uris
+    for uri in (uris[0], uris[1], uris[5]):
+        assert files[uri]["status"] == "ok" and files[uri]["label"] in LABELS, files[uri]
+        assert files[uri]["n_segments"] > 0
+    for uri in uris[2:5]:
+        assert files[uri]["status"] == "error" and files[uri]["error"], files[uri]
+    assert "not a readable audio file" in files[uris[3]]["error"]
+    assert files[uris[1]]["duration_s"] == pytest.approx(3.2, abs=1e-3)
+    segments = r.json()["segments"]
+    assert {s["uri"] for s in segments} == {uris[0], uris[1], uris[5]}
+    assert sum(1 for s in segments if s["uri"] == uris[0]) == files[uris[0]]["n_segments"]
+
+
+@pytest.mark.parametrize(
+    "make_uri, status",
+    [
+        (lambda s: str(s.root) + "/../outside/secret.wav", 403),  # traversal
+        (lambda s: str(s.root) + "/../../../../../etc/passwd", 403),
+        (lambda s: "/etc/passwd", 403),  # absolute, outside
+        (lambda s: str(s.root / "link.wav"), 403),  # symlink inside the root pointing out
+        (lambda s: str(s.outside / "secret.wav"), 403),  # a directory that is not an allowed root
+        (lambda s: str(s.root) + "2/a.wav", 403),  # a sibling sharing the root's name prefix
+        (lambda s: "s3://other-bucket/x.wav", 403),  # disallowed bucket
+        (lambda s: f"s3://{s.bucket}/../other-bucket/x.wav", 403),
+        (lambda s: "file:///etc/passwd", 400),
+        (lambda s: "audio/a.wav", 400),  # relative
+    ],
+)
+def test_annotate_refuses_uris_outside_roots_and_buckets(served, make_uri, status):
+    bad = make_uri(served)
+    good = str(served.root / "a.wav")
+    r = served.http.post("/annotate", json={"uris": [good, bad]})
+    assert r.status_code == status, r.text
+    # the whole request is refused, naming the offending URI only
+    assert [x["uri"] for x in r.json()["refused"]] == [bad]
+    assert "nothing was read" in r.json()["detail"]
+    assert_still_serving(served)
+
+
+def test_annotate_rejects_malformed_bodies(served):
+    assert served.http.post("/annotate", json={"uris": []}).status_code == 400
+    assert served.http.post("/annotate", json={"paths": ["x"]}).status_code == 422
+    assert served.http.post("/annotate", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+    assert_still_serving(served)
+
+
+def test_upload_limits_and_non_audio(served):
+    big = b"\0" * int((MAX_UPLOAD_MB + 0.1) * 1024 * 1024)
+    # declared size over the limit
+    r = served.http.post("/predict", files={"file": ("big.wav", big, "audio/wav")})
+    assert r.status_code == 413, r.text
+    assert "limit" in r.json()["detail"]
+
+    # no Content-Length (chunked): bytes are counted while reading
+    boundary = "ser-ray-test-boundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\n"
+            f"Content-Type: audio/wav\r\n\r\n").encode()
+
+    def chunks():
+        yield head
+        for i in range(0, len(big), 64 * 1024):
+            yield big[i:i + 64 * 1024]
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = served.http.post("/predict", content=chunks(),
+                         headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 413, r.text
+
+    r = served.http.post("/predict", files={"file": ("notes.txt", b"hello, not audio", "text/plain")})
+    assert r.status_code == 415
+    assert "notes.txt: not a readable audio file" in r.json()["detail"]
+    r = served.http.post("/predict", content=wav_bytes(), headers={"content-type": "audio/wav"})
+    assert r.status_code == 415 and "multipart" in r.json()["detail"]
+    r = served.http.post("/predict", files={"other": ("clip.wav", wav_bytes(), "audio/wav")})
+    assert r.status_code == 400 and "'file'" in r.json()["detail"]
+
+    r = served.http.post("/predict", files={"file": ("clip.wav", wav_bytes(1.2), "audio/wav")})
+    assert r.status_code == 200 and r.json()["label"] in LABELS
+    assert_still_serving(served)
+
+
+def test_endpoint_matches_offline_annotation(served):
+    from ser_ray.annotate import AnnotateConfig, annotate_file
+    from ser_ray.ensemble.bundle import load_bundle
+
+    bundle = load_bundle(served.bundle)
+    config = AnnotateConfig(window_s=1.0, hop_s=served.config.hop_s, vad=served.config.vad)
+    uris = [str(served.root / "a.wav"), str(served.root / "sub" / "b.flac"), str(served.root / "c.wav")]
+    answer = served.http.post("/annotate", json={"uris": uris}).json()
+    for uri, row in zip(uris, answer["files"]):
+        offline_row, offline_segments = annotate_file(uri, bundle.predict_proba, config)
+        assert row["label"] == offline_row["label"]
+        for label in LABELS:
+            assert row[f"prob_{label}"] == pytest.approx(offline_row[f"prob_{label}"], abs=1e-4)
+        served_segments = [s for s in answer["segments"] if s["uri"] == uri]
+        assert len(served_segments) == len(offline_segments) > 0
+        for mine, theirs in zip(served_segments, offline_segments):
+            assert (mine["start_s"], mine["end_s"], mine["label"]) == (theirs["start_s"], theirs["end_s"], theirs["label"])
+            for label in LABELS:
+                assert mine[f"prob_{label}"] == pytest.approx(theirs[f"prob_{label}"], abs=1e-4)
+
+
+def test_annotate_via_endpoint_writes_tables_and_resumes(served):
+    from ser_ray.annotate.writer import ResultWriter
+    from ser_ray.serve.client import annotate_via_endpoint
+
+    out = served.tmp / "annotations"
+    # an archive with only allowed files: a subfolder of the root (the symlink would be refused)
+    summary = annotate_via_endpoint(str(served.root / "sub"), str(out), served.url, batch_files=1, progress=False)
+    assert summary["n_processed"] == 1
+    archive = served.tmp / "archive"
+    archive.mkdir()
+    for i in range(3):
+        sf.write(archive / f"clip{i}.wav", tone(1.5 + i * 0.5, seed=10 + i), 16_000)
+    (archive / "readme.txt").write_text("not audio")
+    with pytest.raises(Exception, match="403"):  # the archive is not under the server's roots
+        annotate_via_endpoint(str(archive), str(out), served.url, progress=False)
+
+    # serve the archive's files through the allowed root: copy them in
+    target = served.root / "archive"
+    target.mkdir()
+    for p in archive.iterdir():
+        (target / p.name).write_bytes(p.read_bytes())
+    out2 = served.tmp / "annotations2"
+    first = annotate_via_endpoint(str(target), str(out2), served.url, batch_files=2, concurrency=2, progress=False)
+    assert (first["n_files"], first["n_processed"], first["n_ok"], first["n_error"]) == (4, 4, 3, 1)
+    files, segments = ResultWriter(str(out2)).read_tables()
+    assert sorted(files["uri"]) == sorted(str(p) for p in target.iterdir())
+    assert files["uri"].is_unique
+    assert set(segments["uri"]) == {str(target / f"clip{i}.wav") for i in range(3)}
+    again = annotate_via_endpoint(str(target), str(out2), served.url, progress=False)
+    assert (again["n_skipped"], again["n_processed"]) == (4, 0)
+    assert len(ResultWriter(str(out2)).read_tables()[0]) == 4
