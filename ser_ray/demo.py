@@ -1,0 +1,340 @@
+"""``ser-ray demo``: the whole system end to end on the embedded synthetic corpus.
+
+synthetic corpus -> manifest + describe -> speaker-disjoint split -> Ray Data features -> Optuna/ASHA
+search over cnn, bigru_attn and a tiny wav2vec2 (from a config created locally: no downloads) ->
+ensemble bundle -> Ray Serve endpoint -> annotate a synthetic archive of long recordings through the
+endpoint -> ``report.html``. Every stage is the same code the individual commands run.
+
+A second run in the same ``--out`` reuses the corpus, the archive and the feature cache; the search,
+the bundle and the annotations are redone from scratch (their directories are replaced).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+log = logging.getLogger("ser_ray.demo")
+
+# What each budget runs; "small" is the README's first command (<= 10 min on 2 cores).
+BUDGETS: dict[str, dict] = {
+    "tiny": dict(actors=10, trials=3, epochs=3, archive_files=2, archive_max_s=40.0, wav2vec2=True),
+    "small": dict(actors=16, trials=6, epochs=8, archive_files=3, archive_max_s=60.0, wav2vec2=True),
+    "medium": dict(actors=24, trials=12, epochs=12, archive_files=6, archive_max_s=180.0, wav2vec2=True),
+}
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    out: str = "demo-out"
+    budget: str = "small"
+    address: str | None = None  # None: start (and stop) a local Ray; "auto": a running `ray start --head`
+    seed: int = 0
+    port: int = 8000
+    n_mels: int = 64  # smaller than SonoNet's 128 so the demo trains in minutes on a laptop CPU
+
+    def __post_init__(self):
+        if self.budget not in BUDGETS:
+            raise ValueError(f"unknown budget {self.budget!r}; choose one of {sorted(BUDGETS)}")
+
+    @property
+    def plan(self) -> dict:
+        return BUDGETS[self.budget]
+
+
+class Stages:
+    """Announces each stage and keeps its wall time (they end up in throughput.json)."""
+
+    def __init__(self, total: int):
+        self.total, self.index, self.times = total, 0, {}
+        self.start = time.perf_counter()
+
+    def __call__(self, name: str):
+        self.index += 1
+        print(f"\n=== [{self.index}/{self.total}] {name}", flush=True)
+        return _Timed(self.times, name)
+
+
+class _Timed:
+    def __init__(self, times: dict, name: str):
+        self.times, self.name = times, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.times[self.name] = round(time.perf_counter() - self.t0, 1)
+        if exc[0] is None:
+            print(f"    done in {self.times[self.name]:.1f} s", flush=True)
+
+
+def tiny_wav2vec2(directory: Path, num_labels: int) -> str:
+    """A small randomly initialised wav2vec2 saved with ``save_pretrained``: the real loading code
+    (``from_pretrained(directory)``) runs without any hub access."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+
+    if (directory / "config.json").exists():
+        return str(directory)
+    config = Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, num_labels=num_labels,
+        classifier_proj_size=32,
+    )
+    Wav2Vec2ForSequenceClassification(config).save_pretrained(directory)
+    return str(directory)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run every stage; returns the paths and headline numbers (also printed at the end)."""
+    import ray
+
+    from ser_ray.corpora import build_manifest
+    from ser_ray.corpora.manifest import write_manifest
+    from ser_ray.corpora.synthetic import generate
+    from ser_ray.report.eda import describe
+
+    out = Path(cfg.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    plan = cfg.plan
+    stages = Stages(8)
+    throughput: dict = {}
+
+    with stages("synthetic corpus"):
+        corpus = out / "corpus"
+        meta_path = corpus / "synthetic.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if meta.get("seed") == cfg.seed and len(meta.get("actors", [])) == plan["actors"]:
+            print(f"    reusing {corpus}")
+        else:
+            shutil.rmtree(corpus, ignore_errors=True)
+            generate(corpus, actors=plan["actors"], seed=cfg.seed)
+
+    with stages("manifest and corpus description"):
+        manifest, report = build_manifest("synthetic", str(corpus))
+        write_manifest(manifest, str(out / "manifest.parquet"))
+        describe(manifest, out / "eda")
+        print(f"    {len(manifest)} clips, {manifest['speaker'].nunique()} speakers, "
+              f"{manifest['emotion'].nunique()} emotions -> {out / 'manifest.parquet'}")
+
+    started_ray = False
+    try:
+        with stages("Ray"):
+            if cfg.address:
+                ray.init(address=cfg.address)
+            else:
+                # the dashboard's State API lets Ray Train free the resources of trials ASHA stops
+                ray.init(address="local", include_dashboard=True)
+                started_ray = True
+            print(f"    cluster resources: {ray.cluster_resources()}")
+
+        result = _search(cfg, out, corpus, stages, throughput)
+        bundle_dir, ens_report = _ensemble(out, result, manifest, stages)
+        annotation = _annotate(cfg, out, bundle_dir, stages, throughput, plan)
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:  # Serve was never started
+            pass
+        if started_ray:
+            ray.shutdown()
+
+    with stages("report"):
+        from ser_ray.report.html import render_report
+
+        throughput.update({f"stage seconds: {k}": v for k, v in stages.times.items()})
+        throughput["total demo seconds"] = round(time.perf_counter() - stages.start, 1)
+        _write_json(out / "throughput.json", throughput)
+        report_path = render_report(out, title="ser-ray demo report")
+
+    ens_test = (ens_report.get("test") or {}).get("ensemble", {})
+    summary = {
+        "report": str(report_path),
+        "bundle": str(bundle_dir),
+        "annotations": str(out / "annotations"),
+        "ensemble_test_ua": ens_test.get("ua"),
+        "ensemble_test_wa": ens_test.get("wa"),
+        "window_accuracy": annotation.get("window_accuracy"),
+        "seconds": throughput["total demo seconds"],
+    }
+    print("\n=== done")
+    for key, value in summary.items():
+        print(f"    {key}: {value:.3f}" if isinstance(value, float) else f"    {key}: {value}")
+    return summary
+
+
+def _search(cfg: DemoConfig, out: Path, corpus: Path, stages: Stages, throughput: dict):
+    from ser_ray.corpora.labels import SIX_CLASS
+    from ser_ray.tune.search import SearchConfig, run_search
+
+    plan = cfg.plan
+    families = ["cnn", "bigru_attn"] + (["wav2vec2"] if plan["wav2vec2"] else [])
+    space: dict = {}
+    if plan["wav2vec2"]:
+        pretrained = tiny_wav2vec2(out / "pretrained" / "tiny-wav2vec2", len(SIX_CLASS))
+        space["wav2vec2"] = {"hparams": {"pretrained": pretrained, "freeze": "none"}}
+    search = SearchConfig(
+        name="search",
+        data={"corpus": "synthetic", "root": str(corpus), "protocol": "fixed", "val_fraction": 0.15,
+              "cache_root": str(out / "cache"), "features": {"n_mels": cfg.n_mels}},
+        families=families,
+        num_samples=plan["trials"] + len(families),
+        max_epochs=plan["epochs"],
+        grace_period=2,
+        reduction_factor=2,
+        max_concurrent_trials=2,
+        seed=cfg.seed,
+        storage_path=str(out),
+        tpe_startup_trials=max(2, plan["trials"] // 2),
+        train={"patience": 0, "label_map": "six"},
+        space=space,
+        resources={f: {"cpu": 1.0, "gpu": 0.25} for f in families},
+    )
+    shutil.rmtree(out / "search", ignore_errors=True)
+    with stages(f"search: {search.num_samples} trials over {', '.join(families)} (Optuna TPE + ASHA)"):
+        result = run_search(search)
+    n_asha = int((result.table.get("stop_reason") == "asha").sum()) if "stop_reason" in result.table else 0
+    print(f"    {len(result.table)} trials, {n_asha} stopped early by ASHA")
+    for family, best in result.best.items():
+        print(f"    best {family}: val UA {best['val']['ua']:.3f}"
+              + (f", test UA {best['test']['ua']:.3f}" if best.get("test") else ""))
+    _write_json(out / "splits" / "folds.json", _split_lists(search))
+    return result
+
+
+def _split_lists(search) -> dict:
+    """The speakers of each side of the search's split (the same functions the search used)."""
+    from ser_ray.corpora.labels import apply_label_map
+    from ser_ray.train.config import DataSpec, TrainConfig
+    from ser_ray.train.cv import assign_folds, fold_frames, load_manifest
+
+    data = search.data if isinstance(search.data, DataSpec) else DataSpec(**search.data)
+    base = TrainConfig.from_dict({**search.train, "data": dataclasses.asdict(data)})
+    manifest = apply_label_map(load_manifest(base), base.label_map)
+    manifest, _ = assign_folds(manifest, data.protocol, data.k, base.seed)
+    parts = fold_frames(manifest, data.protocol, data.test_fold, data.val_fraction, base.seed)
+    return {
+        "protocol": f"{data.protocol} (speaker-disjoint 70/10/20 of actors; validation inside training speakers)",
+        "leaky": False,
+        "splits": {name: sorted(p["speaker"].unique().tolist()) for name, p in zip(("train", "val", "test"), parts)},
+        "clips": {name: int(len(p)) for name, p in zip(("train", "val", "test"), parts)},
+    }
+
+
+def _ensemble(out: Path, result, manifest, stages: Stages):
+    import numpy as np
+
+    from ser_ray.corpora.labels import apply_label_map
+    from ser_ray.ensemble.bundle import save_bundle
+    from ser_ray.ensemble.fit import fit_bundle_from_dirs, label_ids, windows_from_frame
+    from ser_ray.report.plots import plot_confusion
+    from ser_ray.train.metrics import classification_metrics
+
+    with stages("ensemble of the best model per family"):
+        folds = json.loads((out / "splits" / "folds.json").read_text())
+        manifest = apply_label_map(manifest, "six")
+        val_df = manifest[manifest["speaker"].isin(folds["splits"]["val"])]
+        test_df = manifest[manifest["speaker"].isin(folds["splits"]["test"])]
+        model_dirs = [b["checkpoint_path"] for b in result.best.values()]
+        bundle, report = fit_bundle_from_dirs(
+            model_dirs, val_df, test_df,
+            data_summary={"corpus": "synthetic", "split": folds["protocol"], "leaky": False},
+        )
+        bundle_dir = out / "bundle"
+        shutil.rmtree(bundle_dir, ignore_errors=True)
+        save_bundle(bundle, str(bundle_dir))
+        _write_json(out / "bundle" / "ensemble_metrics.json", report)
+        # the ensemble's confusion matrix on the held-out test speakers
+        waves = windows_from_frame(test_df, bundle.sample_rate, bundle.window_s)
+        y = label_ids(test_df["emotion"], bundle.labels)
+        pred = bundle.predict_proba(waves).argmax(axis=1)
+        metrics = classification_metrics(y, pred, bundle.labels)
+        plot_confusion(np.array(metrics["confusion"]), bundle.labels, str(out / "bundle" / "ensemble_test_confusion.png"))
+        ens = report.get("test", {}).get("ensemble", {})
+        print(f"    weights {report['validation']['weights']}")
+        print(f"    test (held-out speakers): ensemble UA {ens.get('ua', float('nan')):.3f} "
+              f"WA {ens.get('wa', float('nan')):.3f} macro-F1 {ens.get('macro_f1', float('nan')):.3f}")
+    return bundle_dir, report
+
+
+def _annotate(cfg: DemoConfig, out: Path, bundle_dir: Path, stages: Stages, throughput: dict, plan: dict) -> dict:
+    import pandas as pd
+    from ray import serve
+
+    from ser_ray.annotate.accuracy import window_accuracy
+    from ser_ray.annotate.writer import ResultWriter
+    from ser_ray.corpora.synthetic import generate_archive
+    from ser_ray.report.timeline import plot_label_distribution, plot_timeline
+    from ser_ray.serve.app import ServeConfig, build_app
+    from ser_ray.serve.client import annotate_via_endpoint
+
+    with stages("Ray Serve endpoint + annotating a synthetic archive of long recordings"):
+        archive = out / "archive"
+        if not (archive / "timeline.csv").exists():
+            generate_archive(archive, files=plan["archive_files"], seed=cfg.seed, max_s=plan["archive_max_s"])
+        timeline = pd.read_csv(archive / "timeline.csv")
+        serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
+        config = ServeConfig(bundle=str(bundle_dir), allowed_roots=[str(archive)])
+        serve.run(build_app(config), name="ser-ray", route_prefix="/")
+        url = f"http://127.0.0.1:{cfg.port}"
+        print(f"    endpoint {url} (GET /healthz, /labels; POST /predict, /annotate)")
+        annotations = out / "annotations"
+        shutil.rmtree(annotations, ignore_errors=True)
+        summary = annotate_via_endpoint(str(archive), str(annotations), url, batch_files=1, concurrency=2)
+        files, segments = ResultWriter(str(annotations)).read_tables()
+        acc = window_accuracy(segments, timeline)
+        ok = files[files["status"] == "ok"]
+        first = ok["uri"].iloc[0] if len(ok) else None
+        if first is not None:
+            truth = timeline[timeline["file"].map(lambda f: Path(str(f)).name) == Path(first).name]
+            plot_timeline(segments, first, str(annotations / "timeline.png"), truth=truth)
+        plot_label_distribution(files, str(annotations / "label_distribution.png"))
+        audio_s = float(summary.get("audio_s", 0.0))
+        wall_s = float(summary.get("wall_s", 0.0)) or float("nan")
+        annotation = {
+            "files": int(len(files)),
+            "ok": int((files["status"] == "ok").sum()),
+            "errors": int((files["status"] == "error").sum()),
+            "windows": int(len(segments)),
+            "audio_minutes": round(audio_s / 60, 2),
+            "window_accuracy": round(float(acc), 4),
+        }
+        _write_json(annotations / "annotation_summary.json", annotation)
+        throughput["endpoint annotation (audio s per wall s)"] = round(audio_s / wall_s, 1)
+        print(f"    {annotation['files']} files, {annotation['windows']} windows, window accuracy vs "
+              f"ground truth {acc:.3f}, {audio_s / wall_s:.1f} audio s per wall s")
+    return annotation
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+
+def add_arguments(parser, command: str = "demo") -> None:
+    parser.add_argument("--out", default="demo-out", help="result directory (default: demo-out)")
+    parser.add_argument("--budget", default="small", choices=sorted(BUDGETS),
+                        help="how much to run: tiny (tests), small (default, minutes), medium")
+    parser.add_argument("--address", default=None,
+                        help="Ray address to join (`auto` for a running `ray start --head`); default: a local Ray")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port of the Serve endpoint")
+
+
+def run(args) -> int:
+    cfg = DemoConfig(out=args.out, budget=args.budget, address=args.address, seed=args.seed, port=args.port)
+    try:
+        run_demo(cfg)
+    except KeyboardInterrupt:
+        print("\ninterrupted: Ray and Serve were shut down", flush=True)
+        return 130
+    return 0

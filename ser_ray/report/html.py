@@ -1,0 +1,188 @@
+"""A self-contained HTML report of a result directory (images embedded as base64).
+
+The report reads what the stages left behind — it never recomputes anything — so the same command
+renders the demo's directory or any directory a user assembled by running the stages one by one.
+Sections whose artefacts are missing say so instead of failing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+
+import ser_ray
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{border-bottom:2px solid #444}h2{margin-top:2em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:0.8em 0;font-size:0.9em}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}
+img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}
+.missing{color:#999;font-style:italic}.leaky{color:#b00;font-weight:bold}
+.figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{margin:0;flex:1 1 45%}
+code{background:#f5f5f5;padding:1px 4px}
+"""
+
+# (section id, title, description)
+SECTIONS = [
+    ("corpus", "Corpus", "What was trained on: clips per emotion, durations, speakers."),
+    ("splits", "Split protocol", "Speaker-disjoint splits: no speaker is on both sides."),
+    ("search", "Hyperparameter search", "Every trial of the Optuna (TPE) + ASHA search."),
+    ("models", "Models and ensemble", "Best model per family and the ensemble, on held-out speakers."),
+    ("annotation", "Archive annotation", "Long recordings labelled window by window."),
+    ("throughput", "Throughput", "Speeds measured during this run."),
+]
+
+
+def _img(path: Path, caption: str | None = None) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    cap = html.escape(caption or path.stem.replace("_", " "))
+    return (f'<figure><img alt="{cap}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{cap}</figcaption></figure>")
+
+
+def _figs(paths) -> str:
+    paths = [p for p in paths if p.exists()]
+    return '<div class="figs">' + "".join(_img(p) for p in paths) + "</div>" if paths else ""
+
+
+def _table(df: pd.DataFrame, max_rows: int = 40) -> str:
+    if len(df) > max_rows:
+        df = df.head(max_rows)
+    return df.to_html(index=False, float_format=lambda x: f"{x:.3f}", border=0, escape=True)
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _missing(what: str) -> str:
+    return f'<p class="missing">Not in this directory: {html.escape(what)}.</p>'
+
+
+def _find(root: Path, pattern: str) -> list[Path]:
+    return sorted(root.glob(pattern))
+
+
+def _metrics_row(name: str, metrics: dict) -> dict:
+    row = {"model": name}
+    for key in ("ua", "wa", "macro_f1", "ece"):
+        if key in metrics:
+            row[key.upper() if key != "macro_f1" else "macro-F1"] = metrics[key]
+    return row
+
+
+def section_corpus(root: Path) -> str:
+    parts = []
+    summary = _json(root / "eda" / "summary.json")
+    if summary:
+        parts.append(_table(pd.DataFrame([{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}])))
+    for csv in _find(root, "eda/*.csv")[:3]:
+        parts.append(f"<h3>{html.escape(csv.stem.replace('_', ' '))}</h3>" + _table(pd.read_csv(csv)))
+    parts.append(_figs(_find(root, "eda/*.png")))
+    return "".join(parts) if any(parts) else _missing("eda/ (run `ser-ray describe`)")
+
+
+def section_splits(root: Path) -> str:
+    folds = _json(root / "splits" / "folds.json") or _json(root / "folds.json")
+    if not folds:
+        return _missing("splits/folds.json")
+    parts = []
+    if folds.get("leaky"):
+        parts.append('<p class="leaky">LEAKY split: clips of one speaker on both sides.</p>')
+    protocol = folds.get("protocol", "?")
+    parts.append(f"<p>Protocol: <code>{html.escape(str(protocol))}</code></p>")
+    groups = folds.get("splits") or folds.get("folds") or {}
+    rows = [{"split": k, "speakers": len(v), "list": ", ".join(map(str, v))} for k, v in groups.items()]
+    if rows:
+        parts.append(_table(pd.DataFrame(rows)))
+    return "".join(parts)
+
+
+def section_search(root: Path) -> str:
+    trials = _find(root, "**/trials.csv")
+    if not trials:
+        return _missing("trials.csv (run `ser-ray tune`)")
+    df = pd.read_csv(trials[0])
+    keep = [c for c in df.columns if not c.startswith("config/") or c.count("/") == 1][:14]
+    parts = [f"<p>{len(df)} trials from <code>{html.escape(str(trials[0].relative_to(root)))}</code>.</p>",
+             _table(df[keep])]
+    parts.append(_figs(_find(trials[0].parent, "*.png")))
+    return "".join(parts)
+
+
+def section_models(root: Path) -> str:
+    parts = []
+    rows = []
+    best = _find(root, "**/best.json")
+    if best:
+        for family, info in (_json(best[0]) or {}).items():
+            for split in ("val", "test"):
+                if isinstance(info, dict) and isinstance(info.get(split), dict):
+                    rows.append({**_metrics_row(family, info[split]), "split": split})
+    ens = _find(root, "**/ensemble_metrics.json")
+    if ens:
+        data = _json(ens[0]) or {}
+        val = data.get("validation") or {}
+        if isinstance(val.get("ensemble"), dict):
+            rows.append({**_metrics_row("ensemble", val["ensemble"]), "split": "val"})
+        test = data.get("test") or {}
+        for name, m in (test.get("members") or {}).items():
+            rows.append({**_metrics_row(f"member {name}", m), "split": "test"})
+        if isinstance(test.get("ensemble"), dict):
+            rows.append({**_metrics_row("ensemble", test["ensemble"]), "split": "test"})
+        if val.get("weights"):
+            weights = ", ".join(f"{k}: {v:.2f}" for k, v in val["weights"].items())
+            parts.append(f"<p>Ensemble weights (fitted on validation): {html.escape(weights)}</p>")
+    if rows:
+        df = pd.DataFrame(rows).drop_duplicates()
+        parts.insert(0, _table(df[["model", "split", *[c for c in df.columns if c not in ("model", "split")]]]))
+    parts.append(_figs([p for p in _find(root, "**/*.png") if "confusion" in p.name]))
+    parts.append(_figs([p for p in _find(root, "**/*.png") if "learning" in p.name][:4]))
+    return "".join(parts) if any(parts) else _missing("best.json / ensemble_metrics.json")
+
+
+def section_annotation(root: Path) -> str:
+    parts = []
+    summary = _find(root, "**/annotation_summary.json")
+    if summary:
+        data = _json(summary[0]) or {}
+        parts.append(_table(pd.DataFrame([{k: v for k, v in data.items() if not isinstance(v, (dict, list))}])))
+    parts.append(_figs([p for p in _find(root, "**/*.png") if "timeline" in p.name or "label_distribution" in p.name]))
+    return "".join(parts) if any(parts) else _missing("annotation outputs (run `ser-ray annotate`)")
+
+
+def section_throughput(root: Path) -> str:
+    data = _json(root / "throughput.json")
+    if not data:
+        return _missing("throughput.json")
+    return _table(pd.DataFrame([{"measure": k, "value": v} for k, v in data.items()]))
+
+
+def render_report(result_dir: str | Path, out: str | Path | None = None, title: str = "ser-ray report") -> Path:
+    """Write ``report.html`` for ``result_dir`` and return its path."""
+    root = Path(result_dir)
+    out = Path(out) if out else root / "report.html"
+    builders = {
+        "corpus": section_corpus,
+        "splits": section_splits,
+        "search": section_search,
+        "models": section_models,
+        "annotation": section_annotation,
+        "throughput": section_throughput,
+    }
+    body = [f"<h1>{html.escape(title)}</h1>",
+            f"<p>ser-ray {ser_ray.__version__} · {time.strftime('%Y-%m-%d %H:%M')} · "
+            f"<code>{html.escape(str(root))}</code></p>"]
+    for sid, heading, text in SECTIONS:
+        body.append(f'<section id="{sid}"><h2>{heading}</h2><p>{text}</p>{builders[sid](root)}</section>')
+    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                   f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+    return out

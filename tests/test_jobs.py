@@ -1,0 +1,115 @@
+"""`ray job submit` of jobs/tune.py against a real local Ray head (its own ports and temp dir)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture
+def ray_head():
+    """``ray start --head --block`` in a subprocess; stopped by its pid (never a machine-wide ``ray stop``).
+
+    Ray 2.60 turns token auth on for ``ray start --head`` once ``~/.ray/auth_token`` exists, so the head
+    and every client here run with ``RAY_AUTH_MODE=token`` (the same token file), as a user would.
+    """
+    port, dash = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        RAY, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", f"--port={port}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", f"--ray-client-server-port={free_port()}",
+        f"--temp-dir={temp_dir}", "--object-store-memory=300000000", "--disable-usage-stats",
+    ]
+    head = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    address = f"http://127.0.0.1:{dash}"
+    client_env = {**env, "RAY_API_SERVER_ADDRESS": address}
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert head.poll() is None, f"ray start failed: {head.stdout.read()[-3000:]}"
+            ok = subprocess.run([RAY, "job", "list"], env=client_env, capture_output=True, text=True, timeout=60)
+            if ok.returncode == 0:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail("the Ray head's job server did not come up within 120 s")
+        yield client_env
+    finally:
+        head.terminate()  # --block: the ray start process stops the node's processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.timeout(480)
+def test_tune_job_runs_under_ray_job_submit(ray_head, tmp_path):
+    from ser_ray.corpora.synthetic import generate
+
+    corpus = tmp_path / "synthetic"
+    generate(corpus, actors=8, seed=0, sentences=["TIE", "IOM"], emotions=["neutral", "anger", "happiness", "sadness"],
+             workers=1, progress=False)
+    config = {
+        "name": "job-tune",
+        "data": {"corpus": "synthetic", "root": str(corpus), "protocol": "kfold", "k": 4, "test_fold": 0,
+                 "val_fraction": 0.25, "features": {"n_mels": 32, "window_s": 1.5}},
+        "families": ["cnn", "bigru_attn"],
+        "num_samples": 4, "max_epochs": 2, "grace_period": 1, "reduction_factor": 2,
+        "max_concurrent_trials": 2, "seed": 0, "tpe_startup_trials": 2,
+        "resources": {"cnn": {"cpu": 0.75}, "bigru_attn": {"cpu": 0.75}},
+        "train": {"patience": 0, "batch_size": 16},
+        "space": {"cnn": {"hparams": {"width": {"choice": [8, 16]}}},
+                  "bigru_attn": {"hparams": {"hidden": {"choice": [16, 32]}, "layers": 1}}},
+    }
+    config_path = tmp_path / "tune.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+
+    submit = subprocess.run(
+        [RAY, "job", "submit", "--working-dir", str(REPO), "--submission-id", "tune-test", "--",
+         "python", "jobs/tune.py", "--config", str(config_path), "--out", str(out)],
+        env=ray_head, capture_output=True, text=True, timeout=420,
+    )
+    logs = submit.stdout + submit.stderr
+    status = subprocess.run([RAY, "job", "status", "tune-test"], env=ray_head, capture_output=True, text=True, timeout=60)
+    status_text = status.stdout + status.stderr  # the CLI logs the status line to stderr
+    assert submit.returncode == 0 and "succeeded" in status_text.lower(), f"job did not succeed ({status_text.strip()}):\n{logs[-5000:]}"
+
+    experiment = out / "job-tune"
+    table = pd.read_parquet(experiment / "trials.parquet")
+    assert len(table) == 4 and set(table["family"]) <= {"cnn", "bigru_attn"}
+    assert (table["epochs_run"] <= 2).all() and (table["status"] == "ok").all()
+    assert pd.read_csv(experiment / "trials.csv")["trial_id"].tolist() == table["trial_id"].tolist()
+    best = json.loads((experiment / "best.json").read_text())
+    families = [f for f in best if not f.startswith("_")]
+    assert families and set(families) <= set(table["family"])
+    from ser_ray.models import load_model
+
+    for family in families:
+        entry = best[family]
+        assert entry["trial_id"] in set(table["trial_id"])
+        assert 0.0 <= entry["val"]["ua"] <= 1.0 and 0.0 <= entry["test"]["ua"] <= 1.0
+        model, meta = load_model(entry["checkpoint_path"])
+        assert meta.family == family
+    assert (experiment / "search_curves.png").stat().st_size > 0
+    assert f"{len(table)} trial(s)" in logs
