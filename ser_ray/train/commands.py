@@ -7,11 +7,11 @@ import json
 import logging
 import os
 
+from ser_ray.models import MODELS
 from ser_ray.train.config import PROTOCOLS, load_config
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("cnn", "bigru_attn", "wav2vec2")
 CORPORA = ("cremad", "ravdess", "emodb", "synthetic")
 
 
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--corpus", choices=CORPORA, help="corpus adapter")
         parser.add_argument("--root", help="corpus directory or s3:// prefix")
         parser.add_argument("--manifest", help="a manifest file instead of --corpus/--root")
-        parser.add_argument("--family", choices=FAMILIES, help="model family")
+        parser.add_argument("--family", choices=sorted(MODELS), help="model family (see ser_ray/models)")
         parser.add_argument("--protocol", choices=PROTOCOLS, help="speaker-disjoint split protocol")
         parser.add_argument("--k", type=int, help="folds for --protocol kfold")
         parser.add_argument("--epochs", type=int, help="maximum epochs per fold")
@@ -45,8 +45,13 @@ def _init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address)
     else:
-        # "local": never join a stale cluster left in Ray's temp dir
-        ray.init(address="local", include_dashboard=False)
+        # "local": never join a stale cluster left in Ray's temp dir. The dashboard's State API is
+        # what Ray Train's placement-group cleaner polls; without it, it logs a warning every second.
+        ray.init(address="local", include_dashboard=True)
+    # Per-epoch dataset splits would each draw a progress bar; the loop logs epochs instead.
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
 
 
 def _cv_config(args):

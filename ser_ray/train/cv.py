@@ -163,7 +163,7 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
     ``folds`` picks test folds to run (``ser-ray train`` runs one); ``max_folds`` the first N.
     """
     from ser_ray.features.pipeline import load_cache_pandas, prepare
-    from ser_ray.models import family_input_kind
+    from ser_ray.models import family_feature_config
     from ser_ray.report.plots import plot_confusion
 
     out = Path(out).expanduser().resolve()
@@ -196,7 +196,7 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
     if leaky:
         raise RuntimeError(f"{out}/folds.json: speakers shared between train/val/test; the split is not speaker-independent")
 
-    feature_config = FeatureConfig(**{"kind": family_input_kind(config.family), **data.features})
+    feature_config = family_feature_config(config.family, FeatureConfig(**data.features))
     cache_root = data.cache_root or str(out / "cache")
     from ser_ray.corpora.manifest import MANIFEST_COLUMNS
 

@@ -25,7 +25,6 @@ with ``run_search(..., resume=True)``), ``train/`` (the trials' Train runs and c
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -165,7 +164,7 @@ def load_search_data(cfg: SearchConfig, *, use_gpu: bool = False) -> SearchData:
     from ser_ray.corpora.manifest import MANIFEST_COLUMNS
     from ser_ray.features.config import FeatureConfig
     from ser_ray.features.pipeline import load_cache_pandas, prepare
-    from ser_ray.models import family_input_kind
+    from ser_ray.models import family_feature_config
     from ser_ray.train.config import TrainConfig
     from ser_ray.train.cv import assign_folds, fold_frames, label_mapped, load_manifest
 
@@ -184,16 +183,20 @@ def load_search_data(cfg: SearchConfig, *, use_gpu: bool = False) -> SearchData:
              cfg.data.protocol, cfg.data.test_fold, *[x for p in parts for x in (len(p), p["speaker"].nunique())])
 
     cache_root = cfg.data.cache_root or storage.join(_storage_root(cfg.storage_path), "cache")
-    frames: dict[str, SplitFrames] = {}
-    for kind in dict.fromkeys(family_input_kind(f) for f in cfg.families):
-        feature_config = FeatureConfig(**{"kind": kind, **(cfg.data.features if kind != "waveform" else {})})
-        cache = prepare(manifest[list(MANIFEST_COLUMNS)], cache_root, feature_config)
-        if cache.n_error:
-            log.warning("%d clip(s) failed feature extraction and are left out, e.g. %s", cache.n_error, cache.errors[:1])
-        feats = load_cache_pandas(cache)[["path", "features", "error"]]
-        feats = feats[feats["error"].isna()]
-        split = [p.merge(feats, on="path", how="inner", validate="one_to_one") for p in parts]
-        frames[kind] = SplitFrames(*split, feature_config=feature_config)
+    frames: dict[str, SplitFrames] = {}  # family -> rows; families with the same features share them
+    by_key: dict[str, SplitFrames] = {}
+    for family in cfg.families:
+        feature_config = family_feature_config(family, FeatureConfig(**cfg.data.features))
+        if feature_config.key() not in by_key:
+            cache = prepare(manifest[list(MANIFEST_COLUMNS)], cache_root, feature_config)
+            if cache.n_error:
+                log.warning("%d clip(s) failed feature extraction and are left out, e.g. %s",
+                            cache.n_error, cache.errors[:1])
+            feats = load_cache_pandas(cache)[["path", "features", "error"]]
+            feats = feats[feats["error"].isna()]
+            split = [p.merge(feats, on="path", how="inner", validate="one_to_one") for p in parts]
+            by_key[feature_config.key()] = SplitFrames(*split, feature_config=feature_config)
+        frames[family] = by_key[feature_config.key()]
     return SearchData(
         labels=labels,
         frames=frames,
@@ -228,11 +231,10 @@ def tune_trial(config: dict, data: SearchData) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ser_ray.models import family_input_kind
     from ser_ray.train.loop import loop_config, make_dataset, make_trainer
 
     train_cfg = trial_train_config(data, config)
-    frames = data.frames[family_input_kind(train_cfg.family)]
+    frames = data.frames[train_cfg.family]
     datasets = {
         "train": make_dataset(frames.train, data.labels, shuffle_seed=train_cfg.seed),
         "val": make_dataset(frames.val, data.labels),
@@ -405,7 +407,7 @@ def best_per_family(table: pd.DataFrame) -> dict[str, pd.Series]:
 
 def write_best(table: pd.DataFrame, data: SearchData | None, cfg: SearchConfig) -> dict:
     """``best.json`` + ``best/<family>/model``: the best trial per family, its val and test metrics."""
-    from ser_ray.models import family_input_kind, load_model, save_model
+    from ser_ray.models import load_model, save_model
 
     best = {}
     for family, row in best_per_family(table).items():
@@ -428,7 +430,7 @@ def write_best(table: pd.DataFrame, data: SearchData | None, cfg: SearchConfig) 
             from ser_ray.train.evaluate import predict
             from ser_ray.train.metrics import classification_metrics
 
-            test = data.frames[family_input_kind(family)].test
+            test = data.frames[family].test
             predictions = predict(model_dir, test)
             metrics = classification_metrics(predictions["true"], predictions["pred"], data.labels)
             entry["test"] = {k: metrics[k] for k in ("ua", "wa", "macro_f1") if k in metrics}

@@ -118,6 +118,16 @@ def merge_space(base: dict, override: dict | None, where: str = "space") -> dict
     return out
 
 
+def _zoo_spaces() -> dict[str, dict]:
+    """The model-zoo families' spaces (``ser_ray.models.zoo_spaces``, written in the YAML format)."""
+    from ser_ray.models.zoo_spaces import ZOO_SPACES
+
+    return {family: merge_space({}, space, f"zoo.{family}") for family, space in ZOO_SPACES.items()}
+
+
+DEFAULT_SPACES.update(_zoo_spaces())
+
+
 def family_space(family: str, override: dict | None = None) -> dict:
     """The search space of ``family``: the default in code with ``override`` (from YAML) merged in."""
     if family not in DEFAULT_SPACES:
