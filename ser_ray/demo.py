@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -129,7 +130,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     started_ray = False
     try:
         with stages("Ray"):
-            if cfg.address:
+            if ray.is_initialized():  # e.g. inside a test session or a notebook: use that Ray
+                pass
+            elif cfg.address:
                 ray.init(address=cfg.address)
             else:
                 # the dashboard's State API lets Ray Train free the resources of trials ASHA stops
@@ -199,9 +202,12 @@ def _search(cfg: DemoConfig, out: Path, corpus: Path, stages: Stages, throughput
         tpe_startup_trials=max(2, plan["trials"] // 2),
         train={"patience": 0, "label_map": "six"},
         space=space,
-        resources={f: {"cpu": 1.0, "gpu": 0.25} for f in families},
+        # two trials at a time on a 2-core laptop: trial process 0.25 + Train worker 0.75 CPU each
+        resources={f: {"cpu": 0.75, "gpu": 0.25} for f in families},
     )
     shutil.rmtree(out / "search", ignore_errors=True)
+    # Tune turns the first Ctrl-C into "stop the experiment and return"; the demo should stop whole.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     with stages(f"search: {search.num_samples} trials over {', '.join(families)} (Optuna TPE + ASHA)"):
         result = run_search(search)
     n_asha = int((result.table.get("stop_reason") == "asha").sum()) if "stop_reason" in result.table else 0
@@ -227,7 +233,7 @@ def _split_lists(search) -> dict:
     return {
         "protocol": f"{data.protocol} (speaker-disjoint 70/10/20 of actors; validation inside training speakers)",
         "leaky": False,
-        "splits": {name: sorted(p["speaker"].unique().tolist()) for name, p in zip(("train", "val", "test"), parts)},
+        "speakers": {name: sorted(p["speaker"].unique().tolist()) for name, p in zip(("train", "val", "test"), parts)},
         "clips": {name: int(len(p)) for name, p in zip(("train", "val", "test"), parts)},
     }
 
@@ -244,8 +250,8 @@ def _ensemble(out: Path, result, manifest, stages: Stages):
     with stages("ensemble of the best model per family"):
         folds = json.loads((out / "splits" / "folds.json").read_text())
         manifest = apply_label_map(manifest, "six")
-        val_df = manifest[manifest["speaker"].isin(folds["splits"]["val"])]
-        test_df = manifest[manifest["speaker"].isin(folds["splits"]["test"])]
+        val_df = manifest[manifest["speaker"].isin(folds["speakers"]["val"])]
+        test_df = manifest[manifest["speaker"].isin(folds["speakers"]["test"])]
         model_dirs = [b["checkpoint_path"] for b in result.best.values()]
         bundle, report = fit_bundle_from_dirs(
             model_dirs, val_df, test_df,

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 FIRST_ACTOR = 1001
 ARCHIVE_FIRST_ACTOR = 2001  # archive voices are not corpus voices
 
@@ -52,22 +52,26 @@ SENTENCES: dict[str, str] = {
 }
 EMOTION_CODES = {"anger": "ANG", "disgust": "DIS", "fear": "FEA", "happiness": "HAP", "neutral": "NEU", "sadness": "SAD"}
 # Intensity scales an emotion's deviation from neutral. CREMA-D: IEO in LO/MD/HI, the rest XX.
-INTENSITY_SCALE = {"LO": 0.5, "MD": 0.8, "HI": 1.15, "XX": 0.9}
+INTENSITY_SCALE = {"LO": 0.7, "MD": 0.9, "HI": 1.15, "XX": 1.0}
 
 # Deviation from neutral speech per emotion, at intensity 1 (Banse & Scherer; Juslin & Laukka):
 # f0: semitones; range: accent-size factor; loud: dB; rate: syllable-rate factor; tilt: change of
 # the glottal low-pass pole (+ = steeper, darker); breath: aspiration ratio; jitter: period
-# perturbation; shimmer: amplitude perturbation; creak: share of creaky syllables; pause: pause factor.
+# perturbation; shimmer: amplitude perturbation; creak: share of creaky syllables; pause: pause
+# factor; tremor: F0 (semitones) and amplitude wobble at 5-7 Hz; glide: pitch movement inside a
+# stressed vowel (x range, + rising); attack: syllable onset/offset ramp factor (< 1 crisper).
+# Many of these cues (contour shape, tempo, jitter, noise, creak, attack) survive per-utterance
+# normalisation, which removes loudness and recording colour (the speaker's cues) per clip.
 EMOTIONS: dict[str, dict[str, float]] = {
-    "neutral": dict(f0=0.0, range=1.0, loud=0.0, rate=1.0, tilt=0.0, breath=0.0, jitter=0.0, shimmer=0.0, creak=0.0, pause=1.0, tremor=0.0),
-    "anger": dict(f0=4.0, range=1.8, loud=9.0, rate=1.2, tilt=-0.20, breath=0.0, jitter=0.006, shimmer=0.05, creak=0.05, pause=0.6, tremor=0.0),
-    "happiness": dict(f0=7.0, range=2.6, loud=5.0, rate=1.1, tilt=-0.08, breath=0.0, jitter=0.0, shimmer=0.0, creak=0.0, pause=0.8, tremor=0.0),
-    "sadness": dict(f0=-3.0, range=0.35, loud=-9.0, rate=0.7, tilt=0.08, breath=0.35, jitter=0.004, shimmer=0.03, creak=0.1, pause=1.8, tremor=0.0),
-    "fear": dict(f0=8.0, range=1.0, loud=0.0, rate=1.3, tilt=0.0, breath=0.7, jitter=0.05, shimmer=0.1, creak=0.0, pause=1.3, tremor=1.5),
-    "disgust": dict(f0=-2.0, range=1.2, loud=-4.0, rate=0.75, tilt=0.02, breath=0.0, jitter=0.03, shimmer=0.08, creak=1.0, pause=1.4, tremor=0.0),
+    "neutral": dict(f0=0.0, range=0.8, loud=0.0, rate=1.0, tilt=0.0, breath=0.0, jitter=0.0, shimmer=0.0, creak=0.0, pause=1.0, tremor=0.0, glide=0.0, attack=1.0),
+    "anger": dict(f0=5.0, range=1.6, loud=10.0, rate=1.3, tilt=-0.22, breath=-0.05, jitter=0.004, shimmer=0.04, creak=0.0, pause=0.5, tremor=0.0, glide=-0.8, attack=0.4),
+    "happiness": dict(f0=7.0, range=2.6, loud=4.0, rate=1.08, tilt=-0.06, breath=0.15, jitter=0.0, shimmer=0.0, creak=0.0, pause=0.8, tremor=0.0, glide=0.9, attack=1.0),
+    "sadness": dict(f0=-3.5, range=0.3, loud=-9.0, rate=0.65, tilt=0.07, breath=0.5, jitter=0.004, shimmer=0.03, creak=0.05, pause=2.0, tremor=0.0, glide=0.0, attack=2.5),
+    "fear": dict(f0=8.0, range=0.9, loud=0.0, rate=1.35, tilt=0.0, breath=0.6, jitter=0.06, shimmer=0.12, creak=0.0, pause=1.4, tremor=2.2, glide=0.3, attack=0.8),
+    "disgust": dict(f0=-2.0, range=1.2, loud=-4.0, rate=0.72, tilt=0.03, breath=0.0, jitter=0.02, shimmer=0.08, creak=0.85, pause=1.5, tremor=0.0, glide=-0.7, attack=1.5),
 }
-# Final contour per emotion (semitones x range): falls for anger and disgust, a rise for fear.
-FINAL_CONTOUR = {"neutral": -1.0, "anger": -2.0, "happiness": 0.3, "sadness": -0.5, "fear": 1.0, "disgust": -1.5}
+# Final contour per emotion (semitones x range): falls for anger and disgust, rises for happiness and fear.
+FINAL_CONTOUR = {"neutral": -0.6, "anger": -2.0, "happiness": 1.2, "sadness": -0.4, "fear": 1.0, "disgust": -1.8}
 
 # Vowel formants (Hz, adult male; Peterson & Barney) and bandwidths.
 VOWELS = {
@@ -102,7 +106,7 @@ def make_voice(seed: int, actor: int) -> dict:
         "tilt": round(float(rng.normal(0.0, 0.025)), 4),
         "breath": round(float(rng.uniform(0.0, 0.08) + (0.03 if female else 0.0)), 3),
         "jitter": round(float(rng.uniform(0.003, 0.01)), 4),
-        "creak": round(float(rng.uniform(0.0, 0.15)), 3),
+        "creak": round(float(rng.uniform(0.0, 0.06)), 3),
         "mic_highpass_hz": round(float(rng.uniform(50, 200)), 1),
         "eq_hz": round(float(np.exp(rng.uniform(np.log(300), np.log(5000)))), 1),
         "eq_db": round(float(rng.uniform(-5, 5)), 2),
@@ -143,15 +147,16 @@ def _layout(sentence: str, rate: float, pause: float, rng) -> list[dict]:
 
 def _utterance(voice: dict, sentence: str, emotion: str, intensity: str, rng) -> np.ndarray:
     """One dry utterance (no leading/trailing silence, no recording chain), level set."""
-    scale = INTENSITY_SCALE[intensity] * rng.uniform(0.85, 1.15)
+    scale = INTENSITY_SCALE[intensity] * rng.uniform(0.92, 1.08)
     neutral = EMOTIONS["neutral"]
-    # Each parameter: neutral + scaled deviation, with its own per-clip spread.
-    p = {k: neutral[k] + scale * (v - neutral[k]) * rng.uniform(0.9, 1.1) for k, v in EMOTIONS[emotion].items()}
-    f0_base = voice["f0_hz"] * 2 ** ((p["f0"] + rng.normal(0, 0.7)) / 12)
-    range_st = 3.0 * voice["range"] * p["range"] * rng.uniform(0.85, 1.15)
-    rate = voice["rate"] * p["rate"] * rng.uniform(0.92, 1.08)
+    # Each parameter: neutral + scaled deviation, with its own (small) per-clip spread, so an
+    # actor's clips of one emotion vary without drifting into the neighbouring emotion.
+    p = {k: neutral[k] + scale * (v - neutral[k]) * rng.uniform(0.95, 1.05) for k, v in EMOTIONS[emotion].items()}
+    f0_base = voice["f0_hz"] * 2 ** ((p["f0"] + rng.normal(0, 0.5)) / 12)
+    range_st = 3.0 * voice["range"] * p["range"] * rng.uniform(0.9, 1.1)
+    rate = voice["rate"] * p["rate"] * rng.uniform(0.95, 1.05)
     tilt = float(np.clip(0.90 + voice["tilt"] + p["tilt"] + rng.normal(0, 0.01), 0.6, 0.985))
-    breath = voice["breath"] + p["breath"]
+    breath = max(0.0, voice["breath"] + p["breath"])
     jitter = voice["jitter"] + p["jitter"]
     shimmer = 0.03 + p["shimmer"]
     creak = min(0.9, voice["creak"] + p["creak"])
@@ -161,19 +166,22 @@ def _utterance(voice: dict, sentence: str, emotion: str, intensity: str, rng) ->
     n = int(starts[-1])
     t = np.arange(n) / SAMPLE_RATE
 
-    # F0 contour (semitones above the base): declination, pitch accents on stressed vowels,
-    # a final contour, per-syllable scatter; interpolated between syllable nuclei.
+    # F0 contour (semitones above the base): declination, pitch accents on stressed vowels with
+    # the emotion's glide inside them (rising for happiness, falling for anger and disgust), a
+    # final contour, per-syllable scatter; interpolated between points at each vowel's edges.
     vowels = [(i, s) for i, s in enumerate(segments) if s["kind"] == "vowel"]
-    centres = np.array([(starts[i] + starts[i + 1]) / 2 for i, _ in vowels])
-    targets = np.array(
-        [
-            range_st * ((0.8 if s["stressed"] else 0.0) + rng.normal(0, 0.25)) - 2.0 * k / max(1, len(vowels) - 1)
-            for k, (_, s) in enumerate(vowels)
-        ]
-    )
-    targets[-1] += FINAL_CONTOUR[emotion] * range_st * 0.5
-    semitones = np.interp(np.arange(n), centres, targets)
-    semitones += p["tremor"] * np.sin(2 * np.pi * rng.uniform(5, 7) * t + rng.uniform(0, 6.3))
+    points, targets = [], []
+    for k, (i, s) in enumerate(vowels):
+        centre = range_st * ((0.8 if s["stressed"] else 0.0) + rng.normal(0, 0.15)) - 2.0 * k / max(1, len(vowels) - 1)
+        if k == len(vowels) - 1:
+            centre += FINAL_CONTOUR[emotion] * range_st * 0.5
+        glide = p["glide"] * range_st * (0.6 if s["stressed"] else 0.2)
+        width = starts[i + 1] - starts[i]
+        points += [starts[i] + 0.1 * width, starts[i] + 0.9 * width]
+        targets += [centre - glide / 2, centre + glide / 2]
+    semitones = np.interp(np.arange(n), points, targets)
+    wobble = np.sin(2 * np.pi * rng.uniform(5, 7) * t + rng.uniform(0, 6.3))
+    semitones += p["tremor"] * wobble
     f0 = f0_base * 2 ** (semitones / 12)
 
     # Glottal pulses: jitter perturbs each period, shimmer each pulse's amplitude.
@@ -189,6 +197,10 @@ def _utterance(voice: dict, sentence: str, emotion: str, intensity: str, rng) ->
         if rng.random() < creak or (s is vowels[-1][1] and rng.random() < creak * 1.5):
             creaky[starts[i] : starts[i + 1]] = True
     in_creak = creaky[pulse_at]
+    # Vocal fry: in creaky stretches every other pulse is also delayed (period doubling heard as
+    # a subharmonic), beyond the weak alternate pulses below.
+    odd = in_creak & (np.arange(len(pulse_at)) % 2 == 1)
+    pulse_at = np.where(odd, np.minimum(n - 1, pulse_at + (0.25 * SAMPLE_RATE / f0[pulse_at]).astype(int)), pulse_at)
     amps[in_creak & (np.arange(len(pulse_at)) % 2 == 1)] *= 0.25
     keep = ~(in_creak & (rng.random(len(pulse_at)) < 0.3))  # irregular: some pulses missing
     source = np.zeros(n)
@@ -213,7 +225,7 @@ def _utterance(voice: dict, sentence: str, emotion: str, intensity: str, rng) ->
         m = b - a
         if kind == "pause" or m <= 0:
             continue
-        ramp = np.minimum(1.0, np.minimum(np.arange(m), np.arange(m)[::-1]) / max(1, 0.015 * SAMPLE_RATE))
+        ramp = np.minimum(1.0, np.minimum(np.arange(m), np.arange(m)[::-1]) / max(1, 0.015 * p["attack"] * SAMPLE_RATE))
         if kind == "vowel":
             f1, f2, f3 = VOWELS[s["vowel"]]
             out[a:b] = _resonate(source[a:b], (f1 * fs * f1_up, f2 * fs, f3 * fs, F4 * fs), bws, zi)
@@ -224,7 +236,7 @@ def _utterance(voice: dict, sentence: str, emotion: str, intensity: str, rng) ->
             envelope[a:b] = ramp * (0.35 if kind in SONORANTS else 0.15)
         else:
             _resonate(np.zeros(m), (500, 1500, 2500, F4), bws, zi)  # let the tract ring down
-    out *= envelope
+    out *= envelope * (1 + 0.1 * p["tremor"] * wobble)  # tremor shakes the amplitude too
     speech_rms = np.sqrt(np.mean(out[envelope > 0] ** 2)) + 1e-12
 
     # Consonant noise: fricatives (s/z bright, f/v/h broad) and plosive bursts after a closure.

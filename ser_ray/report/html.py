@@ -99,7 +99,7 @@ def section_splits(root: Path) -> str:
         parts.append('<p class="leaky">LEAKY split: clips of one speaker on both sides.</p>')
     protocol = folds.get("protocol", "?")
     parts.append(f"<p>Protocol: <code>{html.escape(str(protocol))}</code></p>")
-    groups = folds.get("splits") or folds.get("folds") or {}
+    groups = folds.get("speakers") or folds.get("splits") or {}  # ser_ray.splits.fold_lists layout
     rows = [{"split": k, "speakers": len(v), "list": ", ".join(map(str, v))} for k, v in groups.items()]
     if rows:
         parts.append(_table(pd.DataFrame(rows)))

@@ -24,6 +24,8 @@ class DataSpec:
 
     corpus: str | None = None  # cremad | ravdess | emodb | synthetic
     root: str | None = None  # corpus directory or s3:// prefix
+    # several corpora combined under the run's label map, e.g. [{corpus: emodb, root: ...}, ...]
+    corpora: list[dict] | None = None
     manifest: str | None = None  # or a manifest file (Parquet/CSV) instead of corpus + root
     protocol: str = "kfold"  # loso | kfold | cremad-fixed | fixed (70/10/20 speakers)
     k: int = 5  # folds for kfold
@@ -35,6 +37,21 @@ class DataSpec:
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"data.protocol {self.protocol!r}: choose one of {list(PROTOCOLS)}")
+        for i, source in enumerate(self.corpora or []):
+            if not isinstance(source, dict) or set(source) != {"corpus", "root"}:
+                raise ValueError(f"data.corpora[{i}] = {source!r}: each entry is {{corpus: NAME, root: DIR}}")
+
+    def sources(self) -> list[tuple[str, str]]:
+        """``(corpus, root)`` pairs this spec names: ``corpora`` plus ``corpus``/``root`` when both are set."""
+        pairs = [(s["corpus"], str(s["root"])) for s in self.corpora or []]
+        if self.corpus and self.root:
+            pairs.insert(0, (self.corpus, str(self.root)))
+        return pairs
+
+    @property
+    def corpus_name(self) -> str:
+        """The corpus name(s) for results: ``emodb``, ``emodb+ravdess``, or the manifest file."""
+        return "+".join(corpus for corpus, _ in self.sources()) or (self.manifest or "")
 
 
 @dataclasses.dataclass

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ser_ray.features.config import FeatureConfig
-from ser_ray.train.config import TrainConfig
+from ser_ray.train.config import DataSpec, TrainConfig
 from ser_ray.train.metrics import (
     classification_metrics,
     expected_calibration_error,
@@ -41,21 +41,36 @@ log = logging.getLogger(__name__)
 # -- data ------------------------------------------------------------------------------------------
 
 
-def load_manifest(config: TrainConfig) -> pd.DataFrame:
-    """The run's manifest (built from ``data.corpus`` + ``data.root`` or read from ``data.manifest``)."""
-    data = config.data
+def load_manifest(config: TrainConfig | DataSpec) -> pd.DataFrame:
+    """The run's manifest with canonical (not yet label-mapped) labels.
+
+    Built from ``data.corpus`` + ``data.root`` and/or ``data.corpora`` (several corpora combined;
+    speakers stay namespaced per corpus, e.g. ``emodb:03``), or read from ``data.manifest``.
+    """
+    data = config.data if isinstance(config, TrainConfig) else config
+    sources = data.sources()
     if data.manifest:
         from ser_ray.corpora.manifest import read_manifest
 
         df = read_manifest(data.manifest)
-    elif data.corpus and data.root:
+    elif len(sources) == 1:
         from ser_ray.corpora import build_manifest
 
-        df, _ = build_manifest(data.corpus, data.root)
+        df, _ = build_manifest(*sources[0])
+    elif sources:
+        from ser_ray.corpora import build_combined
+
+        names = [corpus for corpus, _ in sources]
+        if len(set(names)) < len(names):
+            # speaker ids are namespaced by corpus name only: two roots of one corpus share speaker ids
+            log.warning("data.corpora names %s more than once; its speakers are treated as the same people", names)
+        # "all" keeps every canonical label; the run's label map is applied once, by label_mapped
+        df, _ = build_combined(sources, label_map="all")
     else:
-        raise ValueError("no data: set data.corpus and data.root (e.g. --corpus emodb --root DIR) or data.manifest")
+        raise ValueError("no data: set data.corpus and data.root (e.g. --corpus emodb --root DIR), "
+                         "data.corpora or data.manifest")
     if len(df) == 0:
-        raise ValueError(f"no clips found for {data.manifest or data.root}")
+        raise ValueError(f"no clips found for {data.manifest or sources}")
     return df
 
 
@@ -88,6 +103,19 @@ def fold_frames(df: pd.DataFrame, protocol: str, fold: int, val_fraction: float,
     test = df[df["fold"] == fold]
     train, val = splits.train_val_split(df[df["fold"] != fold], val_frac=val_fraction, seed=seed + fold)
     return train, val, test
+
+
+def feature_rows(manifest: pd.DataFrame, feature_config: FeatureConfig, cache_root: str):
+    """``(manifest rows + features/error columns, CacheInfo)``: the feature cache of these clips, built if missing."""
+    from ser_ray.corpora.manifest import MANIFEST_COLUMNS
+    from ser_ray.features.pipeline import load_cache_pandas, prepare
+
+    # manifest columns only: the cache is shared by every protocol/fold assignment of these clips
+    cache = prepare(manifest[list(MANIFEST_COLUMNS)], cache_root, feature_config)
+    if cache.n_error:
+        log.warning("%d clip(s) failed feature extraction and are left out, e.g. %s", cache.n_error, cache.errors[:1])
+    features = load_cache_pandas(cache)[["path", "features", "error"]]
+    return manifest.merge(features, on="path", how="left", validate="one_to_one"), cache
 
 
 def _speakers(df: pd.DataFrame) -> list[str]:
@@ -162,7 +190,6 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
 
     ``folds`` picks test folds to run (``ser-ray train`` runs one); ``max_folds`` the first N.
     """
-    from ser_ray.features.pipeline import load_cache_pandas, prepare
     from ser_ray.models import family_feature_config
     from ser_ray.report.plots import plot_confusion
 
@@ -197,15 +224,7 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
         raise RuntimeError(f"{out}/folds.json: speakers shared between train/val/test; the split is not speaker-independent")
 
     feature_config = family_feature_config(config.family, FeatureConfig(**data.features))
-    cache_root = data.cache_root or str(out / "cache")
-    from ser_ray.corpora.manifest import MANIFEST_COLUMNS
-
-    # manifest columns only: the cache is shared by every protocol/fold assignment of these clips
-    cache = prepare(manifest[list(MANIFEST_COLUMNS)], cache_root, feature_config)
-    if cache.n_error:
-        log.warning("%d clip(s) failed feature extraction and are left out, e.g. %s", cache.n_error, cache.errors[:1])
-    features = load_cache_pandas(cache)[["path", "features", "error"]]
-    rows = manifest.merge(features, on="path", how="left", validate="one_to_one")
+    rows, cache = feature_rows(manifest, feature_config, data.cache_root or str(out / "cache"))
 
     storage_path = config.storage_path or str(out / "ray")
     run_id = config.name or f"{config.family}-{data.protocol}"
@@ -229,7 +248,7 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
     summary = {
         **summarize_folds(all_metrics),
         "family": config.family,
-        "corpus": data.corpus,
+        "corpus": data.corpus_name,
         "protocol": data.protocol,
         "n_folds": n_folds,
         "folds_run": chosen,

@@ -1,0 +1,116 @@
+"""Combined corpora, cross-corpus evaluation and the model comparison table, on two tiny synthetic
+corpora: A (seed 0; anger, neutral, sadness) and B (seed 1; anger, happiness, neutral), B read with
+the CREMA-D adapter so its speakers are ``cremad:10xx``, other people than A's ``synthetic:10xx``."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from ser_ray.train.config import DataSpec, TrainConfig
+
+SENTENCES = ["IEO", "TIE"]
+TINY = ["data.features={n_mels: 32, window_s: 1.0}", "batch_size=8", "patience=0"]
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    from ser_ray.corpora import synthetic
+
+    root = tmp_path_factory.mktemp("corpora")
+    synthetic.generate(root / "a", actors=4, seed=0, sentences=SENTENCES, emotions=["anger", "neutral", "sadness"],
+                       workers=1, progress=False)
+    synthetic.generate(root / "b", actors=4, seed=1, sentences=SENTENCES, emotions=["anger", "happiness", "neutral"],
+                       workers=1, progress=False)
+    return root / "a", root / "b"
+
+
+def test_combined_corpora_keep_speakers_disjoint(corpora):
+    from ser_ray import splits
+    from ser_ray.train.cv import assign_folds, fold_frames, label_mapped, load_manifest
+
+    a, b = corpora
+    spec = DataSpec(corpora=[{"corpus": "synthetic", "root": str(a)}, {"corpus": "cremad", "root": str(b)}])
+    assert spec.corpus_name == "synthetic+cremad"
+    df, labels = label_mapped(load_manifest(spec), "six")
+    assert labels == ["anger", "happiness", "neutral", "sadness"]
+    assert set(df["corpus"]) == {"synthetic", "cremad"} and df["speaker"].nunique() == 8
+    # same actor number in both corpora, two different (namespaced) speakers
+    assert {"synthetic:1001", "cremad:1001"} <= set(df["speaker"])
+    df, n_folds = assign_folds(df, "kfold", 4, seed=0)
+    splits.assert_speaker_disjoint(df, column="fold")
+    for fold in range(n_folds):
+        train, val, test = fold_frames(df, "kfold", fold, val_fraction=0.2, seed=0)
+        splits.assert_speaker_disjoint(train, val, test)
+        assert len(train) + len(val) + len(test) == len(df) and len(val) and len(test)
+    # corpus/root and corpora together name both; a malformed entry is refused with its index
+    both = DataSpec(corpus="emodb", root="/e", corpora=[{"corpus": "ravdess", "root": "/r"}])
+    assert both.sources() == [("emodb", "/e"), ("ravdess", "/r")] and both.corpus_name == "emodb+ravdess"
+    with pytest.raises(ValueError, match=r"data.corpora\[0\]"):
+        DataSpec(corpora=[{"corpus": "emodb"}])
+    cfg = TrainConfig.from_dict({"data": {"corpora": [{"corpus": "emodb", "root": "/e"}]}})
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_shared_labels_say_what_is_dropped():
+    from ser_ray.train.cross import shared_labels
+
+    shared, dropped = shared_labels(["anger", "neutral", "sadness"], ["anger", "happiness", "neutral"])
+    assert shared == ["anger", "neutral"]
+    assert dropped == {"train_only": ["sadness"], "test_only": ["happiness"]}
+
+
+def test_cross_corpus_cli_writes_the_report_over_shared_labels(ray_session, corpora, tmp_path, capsys):
+    from ser_ray.cli import main
+
+    a, b = corpora
+    out = tmp_path / "cross"
+    argv = ["cv", "--train-corpus", "synthetic", "--train-root", str(a), "--test-corpus", "cremad",
+            "--test-root", str(b), "--family", "cnn", "--epochs", "2", "--out", str(out),
+            "--set", "hparams.width=8", "--set", "data.val_fraction=0.25", *(x for t in TINY for x in ("--set", t))]
+    assert main(argv) == 0
+    assert "dropped ['sadness']" in capsys.readouterr().out
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["train_corpus"], summary["test_corpus"]) == ("synthetic", "cremad")
+    assert summary["shared_labels"] == summary["labels"] == ["anger", "neutral"]
+    assert summary["dropped_labels"] == {"train_only": ["sadness"], "test_only": ["happiness"]}
+    assert 0.0 <= summary["ua"]["mean"] <= 1.0 and summary["protocol"] == "cross-corpus"
+    folds = json.loads((out / "folds.json").read_text())["folds"][0]
+    # validation speakers come from the training corpus, the test speakers are all of B
+    assert folds["val_speakers"] and all(s.startswith("synthetic:") for s in folds["val_speakers"] + folds["train_speakers"])
+    assert not set(folds["val_speakers"]) & set(folds["train_speakers"])
+    assert folds["test_speakers"] == [f"cremad:{1001 + i}" for i in range(4)]
+    metrics = json.loads((out / "fold_0" / "metrics.json").read_text())
+    assert metrics["labels"] == ["anger", "neutral"] and metrics["n"] == folds["n_test"]
+    preds = pd.read_parquet(out / "fold_0" / "predictions.parquet")
+    # every B clip with a shared label is predicted, and nothing else
+    assert len(preds) == folds["n_test"] and set(preds["true"]) == {"anger", "neutral"}
+    assert set(preds["pred"]) <= {"anger", "neutral"}
+    assert (out / "confusion.png").stat().st_size > 0 and (out / "fold_0" / "model" / "model.json").exists()
+
+
+def test_compare_cli_writes_one_row_per_family(ray_session, corpora, tmp_path, capsys):
+    from ser_ray.cli import main
+
+    a, _ = corpora
+    out = tmp_path / "compare"
+    argv = ["compare", "--corpus", "synthetic", "--root", str(a), "--families", "cnn,dummynet",
+            "--protocol", "kfold", "--k", "2", "--max-folds", "1", "--epochs", "1", "--out", str(out),
+            "--set", "data.val_fraction=0.25", *(x for t in TINY for x in ("--set", t))]
+    assert main(argv) == 0
+    assert "| cnn |" in capsys.readouterr().out
+
+    table = pd.read_csv(out / "comparison.csv")
+    assert list(table["family"]) == ["cnn", "dummynet"]
+    for column in ("ua_mean", "ua_std", "wa_mean", "macro_f1_mean", "params", "train_s_per_epoch", "infer_ms_per_clip"):
+        assert table[column].notna().all(), column
+    assert (table["params"] > 0).all() and (table["infer_ms_per_clip"] > 0).all() and (table["folds"] == 1).all()
+    for row in table.to_dict("records"):  # the table agrees with each family's own cv summary
+        summary = json.loads((out / row["family"] / "summary.json").read_text())
+        assert summary["family"] == row["family"] and summary["ua"]["mean"] == pytest.approx(row["ua_mean"])
+    md = (out / "comparison.md").read_text()
+    assert "| dummynet |" in md and "±" in md
+    assert (out / "comparison.png").stat().st_size > 0

@@ -1,0 +1,122 @@
+"""The HTML report: every section is there, images are embedded, missing artefacts are said so.
+
+The result directory is built from the real stage functions on a tiny corpus (describe, splits, plots,
+the annotation writer); the search and ensemble files are written in the layout those stages write.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ser_ray import cli
+from ser_ray.corpora import build_manifest
+from ser_ray.corpora.synthetic import generate
+from ser_ray.report.eda import describe
+from ser_ray.report.html import SECTIONS, render_report
+from ser_ray.report.plots import plot_confusion, plot_learning_curves
+from ser_ray.report.timeline import plot_label_distribution, plot_timeline
+from ser_ray.splits import fixed_speaker_split, fold_lists
+
+LABELS = ["anger", "happiness", "sadness"]
+
+
+class ReportParser(HTMLParser):
+    """Collects section ids, the images inside each, and 'missing' notes."""
+
+    def __init__(self):
+        super().__init__()
+        self.section = None
+        self.images: dict[str, list[str]] = {}
+        self.missing: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.section = attrs["id"]
+            self.images[self.section] = []
+        elif tag == "img" and self.section:
+            self.images[self.section].append(attrs["src"])
+        elif tag == "p" and attrs.get("class") == "missing" and self.section:
+            self.missing.add(self.section)
+
+
+def parse(path) -> ReportParser:
+    parser = ReportParser()
+    parser.feed(path.read_text())
+    return parser
+
+
+@pytest.fixture(scope="module")
+def result_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("result")
+    corpus = out / "corpus"
+    generate(corpus, actors=4, seed=1, sentences=["DFA"], emotions=LABELS, workers=1, progress=False)
+    manifest, _ = build_manifest("synthetic", str(corpus))
+    describe(manifest, out / "eda")
+    split = fixed_speaker_split(manifest, val_frac=0.25, test_frac=0.25, seed=0)
+    (out / "splits").mkdir()
+    (out / "splits" / "folds.json").write_text(json.dumps(fold_lists(split, "fixed", 0)))
+
+    search = out / "search"
+    search.mkdir()
+    pd.DataFrame({"trial_id": ["a", "b"], "family": ["cnn", "bigru_attn"], "best_val_ua": [0.8, 0.7],
+                  "stop_reason": ["completed", "asha"]}).to_csv(search / "trials.csv", index=False)
+    metrics = {"ua": 0.8, "wa": 0.81, "macro_f1": 0.79}
+    (search / "best.json").write_text(json.dumps({"cnn": {"val": metrics, "test": metrics}}))
+    history = [{"epoch": e, "train_loss": 1 / (e + 1), "val_loss": 1.2 / (e + 1), "val_ua": 0.5 + e / 10}
+               for e in range(3)]
+    plot_learning_curves(history, search / "learning_curves.png")
+
+    bundle = out / "bundle"
+    bundle.mkdir()
+    (bundle / "ensemble_metrics.json").write_text(json.dumps({
+        "validation": {"weights": {"cnn": 1.0}, "ensemble": metrics},
+        "test": {"members": {"cnn": metrics}, "ensemble": {**metrics, "ece": 0.05}},
+    }))
+    plot_confusion(np.eye(3) * 5 + 1, LABELS, bundle / "ensemble_test_confusion.png")
+
+    annotations = out / "annotations"
+    annotations.mkdir()
+    segments = pd.DataFrame({"uri": ["a.wav"] * 3, "start_s": [0.0, 1.5, 3.0], "end_s": [3.0, 4.5, 6.0],
+                             "label": ["anger"] * 3, "confidence": [0.9] * 3,
+                             **{f"prob_{lb}": [1 / 3] * 3 for lb in LABELS}})
+    files = pd.DataFrame({"uri": ["a.wav", "b.txt"], "status": ["ok", "error"], "label": ["anger", None]})
+    plot_timeline(segments, "a.wav", str(annotations / "timeline.png"))
+    plot_label_distribution(files, str(annotations / "label_distribution.png"))
+    (annotations / "annotation_summary.json").write_text(json.dumps({"files": 2, "ok": 1, "errors": 1}))
+    (out / "throughput.json").write_text(json.dumps({"endpoint annotation (audio s per wall s)": 12.5}))
+    return out
+
+
+def test_report_has_every_section_with_embedded_images(result_dir):
+    path = render_report(result_dir)
+    report = parse(path)
+    assert list(report.images) == [sid for sid, _, _ in SECTIONS]
+    assert report.missing == set()
+    for section in ("corpus", "search", "models", "annotation"):
+        assert report.images[section], f"no image in section {section}"
+    for src in (s for images in report.images.values() for s in images):
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    text = path.read_text()
+    splits = text[text.index('<section id="splits">'):text.index('<section id="search">')]
+    assert "<td>train</td>" in splits and "<td>test</td>" in splits and "synthetic:10" in splits
+    assert "ensemble" in text and "0.800" in text
+
+
+def test_report_command_and_missing_sections(tmp_path, result_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["report", "--from", str(empty)]) == 0
+    report = parse(empty / "report.html")
+    assert report.missing == {sid for sid, _, _ in SECTIONS}  # says what is missing instead of failing
+
+    out = tmp_path / "elsewhere.html"
+    assert cli.main(["report", "--from", str(result_dir), "--out", str(out)]) == 0
+    assert parse(out).missing == set()
