@@ -139,6 +139,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                 ray.init(address="local", include_dashboard=True)
                 started_ray = True
             print(f"    cluster resources: {ray.cluster_resources()}")
+            # every epoch's dataset split would draw its own progress bar; the stages report instead
+            from ray.data import DataContext
+
+            DataContext.get_current().enable_progress_bars = False
 
         result = _search(cfg, out, corpus, stages, throughput)
         bundle_dir, ens_report = _ensemble(out, result, manifest, stages)

@@ -12,7 +12,14 @@ import pytest
 from ser_ray.train.config import DataSpec, TrainConfig
 
 SENTENCES = ["IEO", "TIE"]
-TINY = ["data.features={n_mels: 32, window_s: 1.0}", "batch_size=8", "patience=0"]
+
+
+def tiny(corpora) -> list[str]:
+    """``--set`` flags: tiny features and batches, one feature cache shared by the tests (cv and
+    cross-corpus runs of the same corpus and feature config reuse it)."""
+    cache = corpora[0].parent / "cache"
+    sets = ["data.features={n_mels: 32, window_s: 1.0}", "batch_size=8", "patience=0", f"data.cache_root={cache}"]
+    return [x for s in sets for x in ("--set", s)]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +76,7 @@ def test_cross_corpus_cli_writes_the_report_over_shared_labels(ray_session, corp
     out = tmp_path / "cross"
     argv = ["cv", "--train-corpus", "synthetic", "--train-root", str(a), "--test-corpus", "cremad",
             "--test-root", str(b), "--family", "cnn", "--epochs", "2", "--out", str(out),
-            "--set", "hparams.width=8", "--set", "data.val_fraction=0.25", *(x for t in TINY for x in ("--set", t))]
+            "--set", "hparams.width=8", "--set", "data.val_fraction=0.25", *tiny(corpora)]
     assert main(argv) == 0
     assert "dropped ['sadness']" in capsys.readouterr().out
 
@@ -97,14 +104,14 @@ def test_compare_cli_writes_one_row_per_family(ray_session, corpora, tmp_path, c
 
     a, _ = corpora
     out = tmp_path / "compare"
-    argv = ["compare", "--corpus", "synthetic", "--root", str(a), "--families", "cnn,dummynet",
+    argv = ["compare", "--corpus", "synthetic", "--root", str(a), "--families", "cnn,exponet",
             "--protocol", "kfold", "--k", "2", "--max-folds", "1", "--epochs", "1", "--out", str(out),
-            "--set", "data.val_fraction=0.25", *(x for t in TINY for x in ("--set", t))]
+            "--set", "data.val_fraction=0.25", *tiny(corpora)]
     assert main(argv) == 0
     assert "| cnn |" in capsys.readouterr().out
 
     table = pd.read_csv(out / "comparison.csv")
-    assert list(table["family"]) == ["cnn", "dummynet"]
+    assert list(table["family"]) == ["cnn", "exponet"]
     for column in ("ua_mean", "ua_std", "wa_mean", "macro_f1_mean", "params", "train_s_per_epoch", "infer_ms_per_clip"):
         assert table[column].notna().all(), column
     assert (table["params"] > 0).all() and (table["infer_ms_per_clip"] > 0).all() and (table["folds"] == 1).all()
@@ -112,5 +119,7 @@ def test_compare_cli_writes_one_row_per_family(ray_session, corpora, tmp_path, c
         summary = json.loads((out / row["family"] / "summary.json").read_text())
         assert summary["family"] == row["family"] and summary["ua"]["mean"] == pytest.approx(row["ua_mean"])
     md = (out / "comparison.md").read_text()
-    assert "| dummynet |" in md and "±" in md
+    assert "| exponet |" in md and "±" in md
     assert (out / "comparison.png").stat().st_size > 0
+    # both families read the same log-mel features of A: one shared cache
+    assert len({json.loads((out / f / "summary.json").read_text())["feature_cache"] for f in ("cnn", "exponet")}) == 1

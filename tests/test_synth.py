@@ -71,7 +71,8 @@ def test_emotion_is_learnable_across_speakers(tmp_path):
 
     from ser_ray.features.extractor import FeatureExtractor
 
-    generate(tmp_path, actors=8, seed=0, sentences=["TIE", "IWW", "DFA", "TSI"], workers=1, progress=False)
+    # 8 actors x 2 sentences x 6 emotions (96 clips, a few seconds); 2 unseen actors = 24 test clips.
+    generate(tmp_path, actors=8, seed=0, sentences=["TIE", "DFA"], workers=1, progress=False)
     df, _ = build_manifest("synthetic", str(tmp_path))
     fx = FeatureExtractor()
     feats = fx(np.stack([fx.prepare_wave(*sf.read(p, dtype="float32")) for p in df["path"]]))
@@ -80,7 +81,7 @@ def test_emotion_is_learnable_across_speakers(tmp_path):
     y = df["emotion"].to_numpy(dtype=object)
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=2000)).fit(x[~test], y[~test])
     accuracy = (clf.predict(x[test]) == y[test]).mean()
-    assert accuracy > 0.6, accuracy
+    assert accuracy > 0.65, accuracy  # chance is 1/6; measured 0.79 (generator version 2)
 
 
 def test_archive_has_a_timeline_covering_each_file(tmp_path):

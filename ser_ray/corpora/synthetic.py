@@ -63,12 +63,12 @@ INTENSITY_SCALE = {"LO": 0.7, "MD": 0.9, "HI": 1.15, "XX": 1.0}
 # Many of these cues (contour shape, tempo, jitter, noise, creak, attack) survive per-utterance
 # normalisation, which removes loudness and recording colour (the speaker's cues) per clip.
 EMOTIONS: dict[str, dict[str, float]] = {
-    "neutral": dict(f0=0.0, range=0.8, loud=0.0, rate=1.0, tilt=0.0, breath=0.0, jitter=0.0, shimmer=0.0, creak=0.0, pause=1.0, tremor=0.0, glide=0.0, attack=1.0),
+    "neutral": dict(f0=0.0, range=0.5, loud=0.0, rate=1.0, tilt=0.0, breath=0.0, jitter=0.0, shimmer=0.0, creak=0.0, pause=1.0, tremor=0.0, glide=0.0, attack=1.0),
     "anger": dict(f0=5.0, range=1.6, loud=10.0, rate=1.3, tilt=-0.22, breath=-0.05, jitter=0.004, shimmer=0.04, creak=0.0, pause=0.5, tremor=0.0, glide=-0.8, attack=0.4),
-    "happiness": dict(f0=7.0, range=2.6, loud=4.0, rate=1.08, tilt=-0.06, breath=0.15, jitter=0.0, shimmer=0.0, creak=0.0, pause=0.8, tremor=0.0, glide=0.9, attack=1.0),
-    "sadness": dict(f0=-3.5, range=0.3, loud=-9.0, rate=0.65, tilt=0.07, breath=0.5, jitter=0.004, shimmer=0.03, creak=0.05, pause=2.0, tremor=0.0, glide=0.0, attack=2.5),
+    "happiness": dict(f0=7.0, range=2.8, loud=4.0, rate=1.08, tilt=-0.06, breath=0.15, jitter=0.0, shimmer=0.0, creak=0.0, pause=0.8, tremor=0.0, glide=0.9, attack=1.0),
+    "sadness": dict(f0=-3.5, range=0.3, loud=-9.0, rate=0.65, tilt=0.07, breath=0.6, jitter=0.004, shimmer=0.03, creak=0.0, pause=2.0, tremor=0.0, glide=0.0, attack=2.5),
     "fear": dict(f0=8.0, range=0.9, loud=0.0, rate=1.35, tilt=0.0, breath=0.6, jitter=0.06, shimmer=0.12, creak=0.0, pause=1.4, tremor=2.2, glide=0.3, attack=0.8),
-    "disgust": dict(f0=-2.0, range=1.2, loud=-4.0, rate=0.72, tilt=0.03, breath=0.0, jitter=0.02, shimmer=0.08, creak=0.85, pause=1.5, tremor=0.0, glide=-0.7, attack=1.5),
+    "disgust": dict(f0=-2.0, range=1.2, loud=-4.0, rate=0.72, tilt=0.03, breath=0.0, jitter=0.02, shimmer=0.08, creak=0.9, pause=1.5, tremor=0.0, glide=-0.9, attack=1.5),
 }
 # Final contour per emotion (semitones x range): falls for anger and disgust, rises for happiness and fear.
 FINAL_CONTOUR = {"neutral": -0.6, "anger": -2.0, "happiness": 1.2, "sadness": -0.4, "fear": 1.0, "disgust": -1.8}
@@ -99,14 +99,14 @@ def make_voice(seed: int, actor: int) -> dict:
         "actor": int(actor),
         "gender": gender,
         "f0_hz": round(float((205.0 if female else 115.0) * 2 ** (rng.normal(0, 1.5) / 12)), 2),
-        "range": round(float(rng.uniform(0.7, 1.4)), 3),
+        "range": round(float(rng.uniform(0.75, 1.3)), 3),
         "formant_scale": round(float(rng.normal(1.15 if female else 1.0, 0.04)), 3),
         "loud_db": round(float(rng.normal(0, 2.5)), 2),
         "rate": round(float(rng.uniform(0.85, 1.2)), 3),
         "tilt": round(float(rng.normal(0.0, 0.025)), 4),
         "breath": round(float(rng.uniform(0.0, 0.08) + (0.03 if female else 0.0)), 3),
         "jitter": round(float(rng.uniform(0.003, 0.01)), 4),
-        "creak": round(float(rng.uniform(0.0, 0.06)), 3),
+        "creak": round(float(rng.uniform(0.0, 0.04)), 3),
         "mic_highpass_hz": round(float(rng.uniform(50, 200)), 1),
         "eq_hz": round(float(np.exp(rng.uniform(np.log(300), np.log(5000)))), 1),
         "eq_db": round(float(rng.uniform(-5, 5)), 2),

@@ -118,8 +118,8 @@ def comparison_markdown(table: pd.DataFrame, config: TrainConfig) -> str:
     """The comparison table as Markdown, metrics as ``mean ± std`` over folds."""
     head = ["family", *(METRIC_NAMES[k] for k in METRICS), "parameters", "train s/epoch", "inference ms/clip", "folds"]
     lines = [
-        f"# Model comparison: {config.data.corpus_name}, protocol {config.data.protocol}, "
-        f"label map {config.label_map}, up to {config.epochs} epochs",
+        (f"# Model comparison: {config.data.corpus_name}, protocol {config.data.protocol}, "
+         f"label map {config.label_map}, up to {config.epochs} epochs"),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",

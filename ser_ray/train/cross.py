@@ -27,7 +27,13 @@ import numpy as np
 
 from ser_ray.features.config import FeatureConfig
 from ser_ray.train.config import DataSpec, TrainConfig
-from ser_ray.train.cv import _speakers, feature_rows, label_mapped, load_manifest, run_fold
+from ser_ray.train.cv import (
+    feature_rows,
+    label_mapped,
+    load_manifest,
+    run_fold,
+    speaker_list,
+)
 from ser_ray.train.metrics import summarize_folds
 
 log = logging.getLogger(__name__)
@@ -70,7 +76,7 @@ def run_cross_corpus(config: TrainConfig, train_spec: DataSpec, test_spec: DataS
     if dropped["train_only"] or dropped["test_only"]:
         log.info("shared labels %s; dropped %s (only in %s) and %s (only in %s)", shared, dropped["train_only"],
                  train_name, dropped["test_only"], test_name)
-    both = sorted(set(_speakers(train_all)) & set(_speakers(test_all)))
+    both = sorted(set(speaker_list(train_all)) & set(speaker_list(test_all)))
     if both:
         raise ValueError(
             f"speakers {both[:5]} are in both {train_name} and {test_name}: a cross-corpus test needs "
@@ -84,8 +90,8 @@ def run_cross_corpus(config: TrainConfig, train_spec: DataSpec, test_spec: DataS
     test_df = test_all[test_all["emotion"].isin(shared)].reset_index(drop=True)
     (out / "folds.json").write_text(json.dumps({
         "protocol": PROTOCOL, "seed": config.seed, "train_corpus": train_name, "test_corpus": test_name,
-        "folds": [{"fold": 0, "test_speakers": _speakers(test_df), "val_speakers": _speakers(val_df),
-                   "train_speakers": _speakers(train_df), "n_train": len(train_df), "n_val": len(val_df),
+        "folds": [{"fold": 0, "test_speakers": speaker_list(test_df), "val_speakers": speaker_list(val_df),
+                   "train_speakers": speaker_list(train_df), "n_train": len(train_df), "n_val": len(val_df),
                    "n_test": len(test_df), "overlap": []}],
     }, indent=1))
 

@@ -118,7 +118,7 @@ def feature_rows(manifest: pd.DataFrame, feature_config: FeatureConfig, cache_ro
     return manifest.merge(features, on="path", how="left", validate="one_to_one"), cache
 
 
-def _speakers(df: pd.DataFrame) -> list[str]:
+def speaker_list(df: pd.DataFrame) -> list[str]:
     return sorted(df["speaker"].astype(str).unique())
 
 
@@ -156,8 +156,8 @@ def run_fold(
         fold=fold,
         ece=expected_calibration_error(probs, y),
         by_intensity=metrics_by_group(predictions, "intensity") if "intensity" in predictions else {},
-        test_speakers=_speakers(test_df),
-        val_speakers=_speakers(val_df),
+        test_speakers=speaker_list(test_df),
+        val_speakers=speaker_list(val_df),
         n_train=len(train_df),
         n_val=len(val_df),
         best_epoch=int(result.best_metrics["epoch"]),
@@ -212,7 +212,7 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
     fold_lists = []
     leaky = False
     for f, (tr, va, te) in fold_frames_.items():
-        s_tr, s_va, s_te = set(_speakers(tr)), set(_speakers(va)), set(_speakers(te))
+        s_tr, s_va, s_te = set(speaker_list(tr)), set(speaker_list(va)), set(speaker_list(te))
         overlap = sorted((s_tr & s_va) | (s_tr & s_te) | (s_va & s_te))
         leaky |= bool(overlap)
         fold_lists.append({"fold": f, "test_speakers": sorted(s_te), "val_speakers": sorted(s_va),
@@ -238,7 +238,7 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
         tr, va, te = (rows[rows["path"].isin(part["path"])] for part in fold_frames_[f])
         log.info("fold %d/%d: train %d clips (%d speakers), val %d (%d), test %d (%s)", f + 1, n_folds,
                  len(tr), tr["speaker"].nunique(), len(va), va["speaker"].nunique(), len(te),
-                 ", ".join(_speakers(te)[:4]) + ("..." if te["speaker"].nunique() > 4 else ""))
+                 ", ".join(speaker_list(te)[:4]) + ("..." if te["speaker"].nunique() > 4 else ""))
         all_metrics.append(run_fold(f, tr, va, te, labels, feature_config, config, fold_dir,
                                     run_name=f"{run_id}-fold{f}", storage_path=storage_path))
 
