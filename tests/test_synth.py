@@ -81,7 +81,7 @@ def test_emotion_is_learnable_across_speakers(tmp_path):
     y = df["emotion"].to_numpy(dtype=object)
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=2000)).fit(x[~test], y[~test])
     accuracy = (clf.predict(x[test]) == y[test]).mean()
-    assert accuracy > 0.65, accuracy  # chance is 1/6; measured 0.79 (generator version 2)
+    assert accuracy > 0.6, accuracy  # chance is 1/6; measured 0.71 (generator version 2)
 
 
 def test_archive_has_a_timeline_covering_each_file(tmp_path):
