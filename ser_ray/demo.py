@@ -23,9 +23,10 @@ log = logging.getLogger("ser_ray.demo")
 
 # What each budget runs; "small" is the README's first command (<= 10 min on 2 cores).
 BUDGETS: dict[str, dict] = {
-    "tiny": dict(actors=10, trials=3, epochs=3, archive_files=2, archive_max_s=40.0, wav2vec2=True),
-    "small": dict(actors=16, trials=6, epochs=8, archive_files=3, archive_max_s=60.0, wav2vec2=True),
-    "medium": dict(actors=24, trials=12, epochs=12, archive_files=6, archive_max_s=180.0, wav2vec2=True),
+    # trials: searched trials on top of each family's default-config trial
+    "tiny": dict(actors=10, trials=1, epochs=3, archive_files=2, archive_max_s=40.0, wav2vec2=True),
+    "small": dict(actors=16, trials=3, epochs=6, archive_files=3, archive_max_s=60.0, wav2vec2=True),
+    "medium": dict(actors=24, trials=9, epochs=12, archive_files=6, archive_max_s=180.0, wav2vec2=True),
 }
 
 
@@ -203,7 +204,7 @@ def _search(cfg: DemoConfig, out: Path, corpus: Path, stages: Stages, throughput
         max_concurrent_trials=2,
         seed=cfg.seed,
         storage_path=str(out),
-        tpe_startup_trials=max(2, plan["trials"] // 2),
+        tpe_startup_trials=max(1, plan["trials"] // 2),
         train={"patience": 0, "label_map": "six"},
         space=space,
         # two trials at a time on a 2-core laptop: trial process 0.25 + Train worker 0.75 CPU each
