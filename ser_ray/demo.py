@@ -296,7 +296,8 @@ def _annotate(cfg: DemoConfig, out: Path, bundle_dir: Path, stages: Stages, thro
             generate_archive(archive, files=plan["archive_files"], seed=cfg.seed, max_s=plan["archive_max_s"])
         timeline = pd.read_csv(archive / "timeline.csv")
         serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
-        config = ServeConfig(bundle=str(bundle_dir), allowed_roots=[str(archive)])
+        # three members and the ingress must fit next to each other on a 2-core laptop
+        config = ServeConfig(bundle=str(bundle_dir), allowed_roots=[str(archive)], num_cpus=0.25, ingress_num_cpus=0.25)
         serve.run(build_app(config), name="ser-ray", route_prefix="/")
         url = f"http://127.0.0.1:{cfg.port}"
         print(f"    endpoint {url} (GET /healthz, /labels; POST /predict, /annotate)")
