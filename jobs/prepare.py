@@ -30,4 +30,4 @@ ray.init(address="auto" if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_
 manifest, report = build_manifest(args.corpus, args.root)
 write_manifest(manifest, storage.join(args.out, "manifest.parquet"))
 info = prepare(manifest, args.out, FeatureConfig(kind=args.features))
-print(f"{len(manifest)} clips ({report['skipped']} skipped): {info.n_ok} ok, {info.n_error} errors -> {info.path}")
+print(f"{len(manifest)} clips: {info.n_ok} ok, {info.n_error} errors -> {info.path}; skipped files: {report['skipped'] or 'none'}")

@@ -108,7 +108,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     plan = cfg.plan
-    stages = Stages(8)
+    stages = Stages(7)
     throughput: dict = {}
 
     with stages("synthetic corpus"):
