@@ -10,6 +10,8 @@ matplotlib.use("Agg")  # files only; no display on workers or CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ser_ray.report.plots import save_figure  # noqa: E402
+
 
 def describe_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """The tables behind ``describe``: name -> DataFrame."""
@@ -37,10 +39,7 @@ def describe_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 
 def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    return str(save_figure(fig, path, dpi=100))
 
 
 def describe(df: pd.DataFrame, out_dir: str | Path) -> dict[str, str]:

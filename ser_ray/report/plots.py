@@ -11,6 +11,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and close a figure: every ser-ray PNG goes through here."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_confusion(cm, labels: list[str], path: str | Path, normalize: bool = True, title: str | None = None) -> Path:
     """Write a ``[true][pred]`` confusion matrix as a PNG; ``normalize`` shows each row as recall."""
     cm = np.asarray(cm, dtype=np.float64)
@@ -30,12 +40,7 @@ def plot_confusion(cm, labels: list[str], path: str | Path, normalize: bool = Tr
             text = f"{shown[i, j]:.2f}" if normalize else f"{int(cm[i, j])}"
             ax.text(j, i, text, ha="center", va="center", fontsize=8,
                     color="white" if shown[i, j] > threshold else "black")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_learning_curves(history: list[dict], path: str | Path, title: str | None = None) -> Path:
@@ -55,9 +60,4 @@ def plot_learning_curves(history: list[dict], path: str | Path, title: str | Non
     ua_ax.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

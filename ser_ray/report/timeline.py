@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ser_ray.report.plots import save_figure  # noqa: E402
+
 
 def _prob_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c.startswith("prob_")]
@@ -47,9 +49,7 @@ def plot_timeline(segments_df: pd.DataFrame, uri: str, path: str, truth: pd.Data
         band.set_yticks([])
         band.set_ylabel("truth")
     axes[-1, 0].set_xlabel("time (s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path
 
 
@@ -65,7 +65,5 @@ def plot_label_distribution(files_df: pd.DataFrame, path: str) -> str:
     ax.set_ylabel("files")
     ax.set_title(f"dominant emotion over {len(files_df)} files")
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path

@@ -140,6 +140,8 @@ def plot_comparison(table: pd.DataFrame, path: str | Path, title: str | None = N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ser_ray.report.plots import save_figure
+
     x = np.arange(len(table))
     width = 0.8 / len(METRICS)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(table) + 2), 3.8))
@@ -152,9 +154,4 @@ def plot_comparison(table: pd.DataFrame, path: str | Path, title: str | None = N
     ax.legend(ncol=len(METRICS), fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
