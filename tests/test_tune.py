@@ -108,9 +108,12 @@ RESUME_SCRIPT = textwrap.dedent("""
     from ser_ray.tune.search import SearchConfig, build_tuner
 
     def slow(config):
-        with Path(config["toy"]["marker"]).open("a") as f:
+        marker = Path(config["toy"]["marker"])
+        with marker.open("a") as f:
             f.write(tune.get_context().get_trial_id() + "\\n")
-        time.sleep(1.0)
+        # from the third trial on, run long enough that the test's Ctrl-C lands while it runs
+        # (a 1 s trial could finish, and the fourth start, before Tune handles the signal)
+        time.sleep(1.0 if len(marker.read_text().split()) <= 2 else 60.0)
         tune.report({"val_ua": config["toy"]["x"]})
 
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
