@@ -22,6 +22,7 @@ from ser_ray.report.html import SECTIONS, render_report
 from ser_ray.report.plots import plot_confusion, plot_learning_curves
 from ser_ray.report.timeline import plot_label_distribution, plot_timeline
 from ser_ray.splits import fixed_speaker_split, fold_lists
+from ser_ray.train.compare import plot_comparison
 
 LABELS = ["anger", "happiness", "sadness"]
 
@@ -81,6 +82,20 @@ def result_dir(tmp_path_factory):
     }))
     plot_confusion(np.eye(3) * 5 + 1, LABELS, bundle / "ensemble_test_confusion.png")
 
+    compare = out / "compare"
+    compare.mkdir()
+    table = pd.DataFrame([{"family": f, "ua_mean": ua, "ua_std": 0.1, "wa_mean": ua, "wa_std": 0.1,
+                           "macro_f1_mean": ua, "macro_f1_std": 0.1, "params": 1000, "train_s_per_epoch": 1.0,
+                           "infer_ms_per_clip": 0.5, "folds": 2} for f, ua in (("cnn", 0.61), ("rezonet", 0.52))])
+    table.to_csv(compare / "comparison.csv", index=False)
+    plot_comparison(table, compare / "comparison.png")
+    cross = out / "cross"
+    cross.mkdir()
+    (cross / "summary.json").write_text(json.dumps({
+        "family": "cnn", "train_corpus": "synthetic", "test_corpus": "emodb", "protocol": "cross-corpus",
+        "folds_run": [0], "dropped_labels": {"train_only": [], "test_only": ["boredom"]},
+        **{k: {"mean": 0.432, "std": 0.0} for k in ("ua", "wa", "macro_f1")}}))
+
     annotations = out / "annotations"
     annotations.mkdir()
     segments = pd.DataFrame({"uri": ["a.wav"] * 3, "start_s": [0.0, 1.5, 3.0], "end_s": [3.0, 4.5, 6.0],
@@ -99,7 +114,7 @@ def test_report_has_every_section_with_embedded_images(result_dir):
     report = parse(path)
     assert list(report.images) == [sid for sid, _, _ in SECTIONS]
     assert report.missing == set()
-    for section in ("corpus", "search", "models", "annotation"):
+    for section in ("corpus", "search", "models", "evaluation", "annotation"):
         assert report.images[section], f"no image in section {section}"
     for src in (s for images in report.images.values() for s in images):
         assert src.startswith("data:image/png;base64,")
@@ -108,6 +123,9 @@ def test_report_has_every_section_with_embedded_images(result_dir):
     splits = text[text.index('<section id="splits">'):text.index('<section id="search">')]
     assert "<td>train</td>" in splits and "<td>test</td>" in splits and "synthetic:10" in splits
     assert "ensemble" in text and "0.800" in text
+    evaluation = text[text.index('<section id="evaluation">'):text.index('<section id="annotation">')]
+    assert "<td>rezonet</td>" in evaluation and "0.61" in evaluation  # the comparison table
+    assert "synthetic -&gt; emodb" in evaluation and "0.432 ± 0.000" in evaluation and "boredom" in evaluation
 
 
 def test_report_command_and_missing_sections(tmp_path, result_dir):

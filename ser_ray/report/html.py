@@ -36,6 +36,8 @@ SECTIONS = [
     ("splits", "Split protocol", "Speaker-disjoint splits: no speaker is on both sides."),
     ("search", "Hyperparameter search", "Every trial of the Optuna (TPE) + ASHA search."),
     ("models", "Models and ensemble", "Best model per family and the ensemble, on held-out speakers."),
+    ("evaluation", "Cross-validation, cross-corpus and comparisons",
+     "Every <code>ser-ray cv</code> / <code>compare</code> / cross-corpus result found here: mean ± std over folds."),
     ("annotation", "Archive annotation", "Long recordings labelled window by window."),
     ("throughput", "Throughput", "Speeds measured during this run."),
 ]
@@ -149,6 +151,38 @@ def section_models(root: Path) -> str:
     return "".join(parts) if any(parts) else _missing("best.json / ensemble_metrics.json")
 
 
+def section_evaluation(root: Path) -> str:
+    """cv and cross-corpus summaries (``summary.json`` with fold metrics) and ``compare`` tables."""
+    parts = []
+    for table in _find(root, "**/comparison.csv"):
+        where = html.escape(str(table.parent.relative_to(root)))
+        df = pd.read_csv(table)
+        keep = [c for c in ("family", "ua_mean", "ua_std", "wa_mean", "wa_std", "macro_f1_mean", "macro_f1_std",
+                            "params", "train_s_per_epoch", "infer_ms_per_clip", "folds") if c in df.columns]
+        parts.append(f"<h3>Comparison <code>{where}</code></h3>" + _table(df[keep]))
+        parts.append(_figs([table.with_suffix(".png")] if table.with_suffix(".png").exists() else []))
+    rows = []
+    for path in _find(root, "**/summary.json"):
+        data = _json(path) or {}
+        if not isinstance(data.get("ua"), dict) or "protocol" not in data:
+            continue  # not a cv / cross-corpus summary
+        corpus = (f"{data['train_corpus']} -> {data['test_corpus']}" if data.get("test_corpus")
+                  else data.get("corpus", "?"))
+        row = {"result": str(path.parent.relative_to(root)), "family": data.get("family"), "corpus": corpus,
+               "protocol": data["protocol"] + (" (LEAKY)" if data.get("leaky") else ""),
+               "folds": len(data.get("folds_run") or [])}
+        for key, name in (("ua", "UA"), ("wa", "WA"), ("macro_f1", "macro-F1")):
+            if isinstance(data.get(key), dict):
+                row[name] = f"{data[key]['mean']:.3f} ± {data[key]['std']:.3f}"
+        rows.append(row)
+        if data.get("dropped_labels"):
+            dropped = data["dropped_labels"]
+            row["labels dropped"] = ", ".join(dropped.get("train_only", []) + dropped.get("test_only", [])) or "-"
+    if rows:
+        parts.append("<h3>Runs</h3>" + _table(pd.DataFrame(rows)))
+    return "".join(parts) if any(parts) else _missing("cv / compare results (run `ser-ray cv` or `ser-ray compare`)")
+
+
 def section_annotation(root: Path) -> str:
     parts = []
     summary = _find(root, "**/annotation_summary.json")
@@ -175,6 +209,7 @@ def render_report(result_dir: str | Path, out: str | Path | None = None, title: 
         "splits": section_splits,
         "search": section_search,
         "models": section_models,
+        "evaluation": section_evaluation,
         "annotation": section_annotation,
         "throughput": section_throughput,
     }

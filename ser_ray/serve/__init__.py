@@ -1,0 +1,1 @@
+"""Ray Serve: the ensemble bundle behind an HTTP API (see app.py)."""
