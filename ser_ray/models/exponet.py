@@ -37,7 +37,7 @@ class ExpoNetHparams:
 class ExpoNet(nn.Module):
     """``[B, n_mels, frames]`` -> logits ``[B, num_classes]``.
 
-    Five blocks of conv1d (bands as channels) + batch norm + ReLU + max-pool 2 + dropout, global
+    Five blocks of conv1d (bands as channels) + batch norm + ReLU + max-pool 2 (dropout after the last block's batch norm only), global
     average pooling over time, dense 512, output layer. The mel bands are conv channels rather than
     one flattened vector, so the model works for any window length.
     """
@@ -49,9 +49,11 @@ class ExpoNet(nn.Module):
         self.num_classes = num_classes
         self.hparams = hparams
         blocks, in_ch = [], feature_config.num_channels + int(hparams.energy)
-        for mult in WIDTHS:
+        for i, mult in enumerate(WIDTHS):
             out_ch = hparams.width * mult
-            blocks.append(conv1d_block(in_ch, out_ch, hparams.kernel, pool=2, stride=2, dropout=hparams.dropout))
+            last = i == len(WIDTHS) - 1  # dropout only where no batch norm follows (see layers.conv1d_block)
+            blocks.append(conv1d_block(in_ch, out_ch, hparams.kernel, pool=2, stride=2,
+                                       dropout=hparams.dropout if last else 0.0))
             in_ch = out_ch
         self.features = nn.Sequential(*blocks)
         self.head = nn.Sequential(

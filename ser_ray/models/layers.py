@@ -14,7 +14,9 @@ def conv1d_block(
 ) -> nn.Sequential:
     """Conv1d ('same' padding) -> [BN] -> activation -> max-pool -> [dropout], over ``[B, C, T]``.
 
-    The pool is padded and rounds up, so a short window never shrinks to zero frames.
+    The pool is padded and rounds up, so a short window never shrinks to zero frames. Give ``dropout``
+    only to a block that no batch norm follows: a batch norm fed by dropout learns running statistics
+    that eval mode never sees (the "variance shift" measured in ``models/cnn.py``).
     """
     layers = [nn.Conv1d(in_ch, out_ch, kernel, padding=kernel // 2)]
     layers += [nn.BatchNorm1d(out_ch)] if batch_norm else []
@@ -27,7 +29,10 @@ def conv2d_block(
     in_ch: int, out_ch: int, kernel: int | tuple[int, int] = 3, pool: int | tuple[int, int] = 2,
     dropout: float = 0.0, act: str = "relu",
 ) -> nn.Sequential:
-    """Conv2d ('same' padding) -> BN -> activation -> max-pool (ceil) -> [dropout], over ``[B, C, H, W]``."""
+    """Conv2d ('same' padding) -> BN -> activation -> max-pool (ceil) -> [dropout], over ``[B, C, H, W]``.
+
+    As in ``conv1d_block``, ``dropout`` belongs only on a block that no batch norm follows.
+    """
     layers = [
         nn.Conv2d(in_ch, out_ch, kernel, padding="same"),
         nn.BatchNorm2d(out_ch),

@@ -28,7 +28,7 @@ class MFCCCNN(nn.Module):
     """``[B, n_mfcc, frames]`` -> logits ``[B, num_classes]``.
 
     Each layer: conv1d over time (coefficients as channels) + batch norm + ELU + max-pool 2 +
-    dropout; global average pooling over time and a single dense (output) layer.
+    dropout after the last one (never feeding batch norm); global average pooling over time and a single dense (output) layer.
     """
 
     Hparams = MFCCCNNHparams
@@ -38,11 +38,11 @@ class MFCCCNN(nn.Module):
         self.num_classes = num_classes
         self.hparams = hparams
         layers, in_ch = [], feature_config.num_channels
-        for mult in WIDTHS:
+        for i, mult in enumerate(WIDTHS):
             out_ch = hparams.width * mult
-            layers.append(
-                conv1d_block(in_ch, out_ch, hparams.kernel, pool=2, stride=2, dropout=hparams.dropout, act="elu")
-            )
+            last = i == len(WIDTHS) - 1  # dropout only where no batch norm follows (see layers.conv1d_block)
+            layers.append(conv1d_block(in_ch, out_ch, hparams.kernel, pool=2, stride=2,
+                                       dropout=hparams.dropout if last else 0.0, act="elu"))
             in_ch = out_ch
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(in_ch, num_classes)

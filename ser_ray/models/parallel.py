@@ -20,12 +20,15 @@ from ser_ray.models.layers import AttentionPool, conv2d_block
 from ser_ray.models.norm import utterance_cmvn
 
 
-def cnn_branch(width: int, dropout: float) -> nn.Sequential:
-    """``[B, 1, mels, T]`` -> ``[B, 4 * width]``: three conv blocks and global average pooling."""
+def cnn_branch(width: int) -> nn.Sequential:
+    """``[B, 1, mels, T]`` -> ``[B, 4 * width]``: three conv blocks and global average pooling.
+
+    No dropout inside (it would feed batch norm); the models put it before their heads.
+    """
     return nn.Sequential(
-        conv2d_block(1, width, 3, pool=2, dropout=dropout),
-        conv2d_block(width, 2 * width, 3, pool=4, dropout=dropout),
-        conv2d_block(2 * width, 4 * width, 3, pool=4, dropout=dropout),
+        conv2d_block(1, width, 3, pool=2),
+        conv2d_block(width, 2 * width, 3, pool=4),
+        conv2d_block(2 * width, 4 * width, 3, pool=4),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
     )
@@ -52,7 +55,7 @@ class ParCNNBiLSTMAttn(nn.Module):
         self.num_classes = num_classes
         self.hparams = hparams
         h = hparams
-        self.cnn = cnn_branch(h.width, h.dropout)
+        self.cnn = cnn_branch(h.width)
         self.lstm = nn.LSTM(
             feature_config.num_channels, h.hidden, num_layers=h.layers, batch_first=True,
             bidirectional=True, dropout=h.dropout if h.layers > 1 else 0.0,
@@ -92,7 +95,7 @@ class ParCNNTransformer(nn.Module):
             raise ValueError(f"par_cnn_transformer: d_model={h.d_model} must be divisible by heads={h.heads}")
         self.num_classes = num_classes
         self.hparams = hparams
-        self.cnn = cnn_branch(h.width, h.dropout)
+        self.cnn = cnn_branch(h.width)
         self.shrink = nn.MaxPool2d((2, 4), ceil_mode=True)  # [mels, T] -> [mels/2, T/4]
         self.project = nn.Linear((feature_config.num_channels + 1) // 2, h.d_model)
         layer = nn.TransformerEncoderLayer(h.d_model, h.heads, h.ff_dim, h.dropout, batch_first=True)

@@ -32,8 +32,8 @@ class RezoNetHparams:
 class RezoNet(nn.Module):
     """``[B, 40, frames]`` -> logits ``[B, num_classes]``.
 
-    Blocks: (freq_kernel x 3) -> (3 x time_kernel) -> (3 x 3), each with batch norm, ReLU, max-pool
-    and dropout; global average pooling; one dense layer. Any mel count / window length works.
+    Blocks: (freq_kernel x 3) -> (3 x time_kernel) -> (3 x 3), each with batch norm, ReLU and max-pool;
+    global average pooling; dropout and one dense layer. Any mel count / window length works.
     """
 
     Hparams = RezoNetHparams
@@ -44,9 +44,9 @@ class RezoNet(nn.Module):
         self.hparams = hparams
         w, d = hparams.width, hparams.dropout
         self.features = nn.Sequential(
-            conv2d_block(1, w, (hparams.freq_kernel, 3), pool=2, dropout=d),
-            conv2d_block(w, 2 * w, (3, hparams.time_kernel), pool=2, dropout=d),
-            conv2d_block(2 * w, 4 * w, 3, pool=2, dropout=d),
+            conv2d_block(1, w, (hparams.freq_kernel, 3), pool=2),
+            conv2d_block(w, 2 * w, (3, hparams.time_kernel), pool=2),
+            conv2d_block(2 * w, 4 * w, 3, pool=2),
         )
         self.head = nn.Sequential(nn.Dropout(d), nn.Linear(4 * w, num_classes))
 

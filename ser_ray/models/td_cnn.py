@@ -43,10 +43,10 @@ class _TDCNN(nn.Module):
         self.hparams = hparams
         w, d = hparams.width, hparams.dropout
         self.cnn = nn.Sequential(
-            conv2d_block(1, w, 3, pool=2, dropout=d, act="elu"),
-            conv2d_block(w, w, 3, pool=2, dropout=d, act="elu"),
-            conv2d_block(w, 2 * w, 3, pool=2, dropout=d, act="elu"),
-            conv2d_block(2 * w, 2 * w, 3, pool=2, dropout=d, act="elu"),
+            conv2d_block(1, w, 3, pool=2, act="elu"),
+            conv2d_block(w, w, 3, pool=2, act="elu"),
+            conv2d_block(w, 2 * w, 3, pool=2, act="elu"),
+            conv2d_block(2 * w, 2 * w, 3, pool=2, act="elu"),
         )
         self.lstm = nn.LSTM(2 * w, hparams.hidden, batch_first=True, bidirectional=self.bidirectional)
         out = hparams.hidden * (2 if self.bidirectional else 1)
