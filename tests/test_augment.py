@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from ser_ray.audio.augment import (
     Augmenter,
     add_noise_snr,
@@ -14,16 +15,6 @@ from ser_ray.audio.augment import (
     perturbed_copies,
     time_shift,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors on a shared 2-core machine: a second intra-op thread only adds contention
-    (a CNN step takes seconds instead of milliseconds when the cores are busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tone(n_clips: int = 4, samples: int = 16_000) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import one_torch_thread, train_steps  # noqa: F401  (one_torch_thread: autouse fixture)
 from ser_ray.features.config import FeatureConfig
 from ser_ray.models import (
     MODELS,
@@ -26,32 +27,9 @@ WAVE = FeatureConfig(kind="waveform", window_s=0.25)  # 4000 samples -> 399 wav2
 SMALL = {"cnn": {"width": 8}, "bigru_attn": {"hidden": 16, "attn_dim": 16}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors on a shared 2-core machine: a second intra-op thread only adds contention
-    (a CNN step takes seconds instead of milliseconds when the cores are busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def logmel_batch(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, *LOGMEL.shape, generator=g) * 10 - 40  # dB-like values
-
-
-def train_steps(model, x, y, steps=3):
-    model.train()
-    opt = torch.optim.AdamW(param_groups(model, 1e-3))
-    losses = []
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 def test_registry_lists_families_and_their_inputs():
@@ -81,7 +59,7 @@ def test_spectrogram_family_trains_and_gives_logits(family):
     x, y = logmel_batch(4), torch.tensor([0, 1, 2, 3])
     assert model(x).shape == (4, len(LABELS))
     before = [p.detach().clone() for p in model.parameters()]
-    losses = train_steps(model, x, y)
+    losses = train_steps(model, x, y, params=param_groups(model, 1e-3))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from ser_ray import storage
-from ser_ray.audio.decode import fix_length, load_clip
+from ser_ray.audio.decode import load_clip
 from ser_ray.features import FeatureConfig, FeatureExtractor
 from ser_ray.features.pipeline import (
     CACHE_JSON,

@@ -11,6 +11,7 @@ import dataclasses
 import pytest
 import torch
 
+from helpers import one_torch_thread, train_steps  # noqa: F401  (one_torch_thread: autouse fixture)
 from ser_ray.features.config import FeatureConfig
 from ser_ray.models import (
     MODELS,
@@ -38,15 +39,6 @@ TINY = {
 ZOO = list(TINY)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors on a shared 2-core machine: a second intra-op thread only adds contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def features(config: FeatureConfig, n: int, seed: int = 0) -> torch.Tensor:
     """A batch shaped like ``config``'s cached features, with plausible value ranges."""
     g = torch.Generator().manual_seed(seed)
@@ -61,19 +53,6 @@ def build(family: str, config: FeatureConfig | None = None):
     torch.manual_seed(0)
     config = config or family_feature_config(family, BASE)
     return build_model(family, len(LABELS), config, **TINY[family]), config
-
-
-def train_steps(model, x, y, steps=2):
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    losses = []
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 def test_zoo_families_declare_their_features():
