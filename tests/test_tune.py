@@ -19,7 +19,14 @@ import yaml
 from ray import tune
 
 from ser_ray.tune import space as spaces
-from ser_ray.tune.search import SearchConfig, build_tuner, restore_tuner, results_table
+from ser_ray.tune.search import (
+    SearchConfig,
+    build_tuner,
+    default_points,
+    mark_default_trials,
+    restore_tuner,
+    results_table,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # Ray workers cannot import this test module: ship its toy trainables by value.
@@ -98,6 +105,25 @@ def test_define_by_run_conditional_space_and_yaml_override():
     assert seen == {"cnn", "bigru_attn"}
     with pytest.raises(ValueError, match="loguniform needs"):
         spaces.family_space("cnn", {"lr": {"loguniform": [1e-4]}})
+
+
+def test_default_points_mark_the_baseline_trial_of_each_family():
+    cfg = SearchConfig(families=["cnn", "bigru_attn"], space={"cnn": {"hparams": {"width": {"choice": [16, 32]}}}})
+    points = default_points(cfg)
+    cnn = next(p for p in points if p["family"] == "cnn")
+    assert cnn["cnn/lr"] == 1e-3 and cnn["cnn/hparams/width"] == 32  # TrainConfig / CNNHparams defaults
+    import pandas as pd
+
+    rows = []
+    for trial, (lr, width) in enumerate([(1e-3, 32), (3e-3, 32), (1e-3, 16)]):
+        row = {"trial_id": f"t{trial}", "family": "cnn", "best_val_ua": 0.5 + trial / 10}
+        row.update({f"param/{k.split('/', 1)[1]}": v for k, v in cnn.items() if k != "family"})
+        row.update({"param/lr": lr, "param/hparams/width": width})
+        rows.append(row)
+    rows.append({"trial_id": "t3", "family": "bigru_attn", "best_val_ua": 0.4,
+                 **{f"param/{k.split('/', 1)[1]}": v for k, v in points[1].items() if k != "family"}})
+    marked = mark_default_trials(pd.DataFrame(rows), points)
+    assert marked["is_default"].tolist() == [True, False, False, True]
 
 
 RESUME_SCRIPT = textwrap.dedent("""

@@ -270,6 +270,28 @@ def default_points(cfg: SearchConfig) -> list[dict]:
     return points
 
 
+def mark_default_trials(table: pd.DataFrame, points: list[dict] | None) -> pd.DataFrame:
+    """``table`` with ``is_default``: the trial ran its family's default point (the baseline to beat)."""
+    table = table.copy()
+    table["is_default"] = False
+    for point in points or []:
+        params = {k: v for k, v in point.items() if k != "family"}
+        family = point.get("family") or (params and next(iter(params)).split("/")[0])
+        if not family or "family" not in table:
+            continue
+        match = table["family"] == family
+        for name, value in params.items():
+            column = "param/" + name.split("/", 1)[1]
+            if column not in table:
+                match &= False
+            elif isinstance(value, float):
+                match &= np.isclose(pd.to_numeric(table[column], errors="coerce"), value, rtol=1e-9)
+            else:
+                match &= table[column] == value
+        table.loc[match, "is_default"] = True
+    return table
+
+
 def _lookup(tree: dict, keys: list[str]):
     for key in keys:
         if not isinstance(tree, dict) or key not in tree:
@@ -435,6 +457,12 @@ def write_best(table: pd.DataFrame, data: SearchData | None, cfg: SearchConfig) 
             metrics = classification_metrics(predictions["true"], predictions["pred"], data.labels)
             entry["test"] = {k: metrics[k] for k in ("ua", "wa", "macro_f1") if k in metrics}
             entry["test"]["n"] = int(len(predictions))
+        defaults = table[(table["family"] == family) & table["is_default"]] if "is_default" in table else table[:0]
+        if len(defaults):
+            default = defaults.sort_values("best_val_ua", ascending=False).iloc[0]
+            entry["default"] = {"trial_id": default["trial_id"], "val_ua": default["best_val_ua"],
+                                "epochs_run": int(default["epochs_run"]), "stop_reason": default["stop_reason"]}
+            entry["gain_over_default_val_ua"] = float(row["best_val_ua"] - default["best_val_ua"])
         best[family] = entry
     summary = {"metric": cfg.metric, "selection": "validation", "families": best,
                "experiment": cfg.experiment_path, "n_trials": int(len(table))}
@@ -491,6 +519,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> SearchResult:
     data = load_search_data(cfg, use_gpu=bool(use_gpu))
     trainable = make_trainable(data, cfg)
     path = cfg.experiment_path
+    points = default_points(cfg) if cfg.start_from_defaults else None
     if resume and tune.Tuner.can_restore(path):
         log.info("resuming the search in %s (finished trials are kept)", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -498,17 +527,17 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> SearchResult:
         if resume:
             log.info("nothing to resume at %s: starting a new search", path)
         space_fn = spaces.define_by_run({f: spaces.family_space(f, cfg.space.get(f)) for f in cfg.families})
-        points = default_points(cfg) if cfg.start_from_defaults else None
         tuner = build_tuner(trainable, space_fn, cfg, points_to_evaluate=points)
     log.info("search %s: %d trial(s) over %s, up to %d epochs each, %d at a time -> %s", cfg.name,
              cfg.num_samples, ",".join(cfg.families), cfg.max_epochs, cfg.max_concurrent_trials, path)
     grid = tuner.fit()
-    table = results_table(grid, cfg)
+    table = mark_default_trials(results_table(grid, cfg), points)
     write_table(table, cfg)
     best = write_best(table, data, cfg)
     notes = plots.write_plots(table, cfg)
     n_asha = int((table["stop_reason"] == "asha").sum()) if "stop_reason" in table else 0
     log.info("search done in %.0f s: %d trial(s), %d stopped early by ASHA; best: %s", time.perf_counter() - start,
              len(table), n_asha,
-             ", ".join(f"{f} val UA {b['val']['ua']:.3f}" for f, b in best.items()))
+             ", ".join(f"{f} val UA {b['val']['ua']:.3f}" + (f" (default config {b['default']['val_ua']:.3f})"
+                                                            if "default" in b else "") for f, b in best.items()))
     return SearchResult(path=path, table=table, best=best, grid=grid, notes=notes)
