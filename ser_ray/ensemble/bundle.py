@@ -105,9 +105,8 @@ class Bundle:
             raise ValueError(f"ensemble weights must be non-negative and not all zero, got {w.tolist()}")
         return w / w.sum()
 
-    @torch.inference_mode()
-    def member_logits(self, i: int, waves: np.ndarray) -> np.ndarray:
-        """Raw logits ``[N, L]`` of member ``i`` for windows ``[N, samples]`` (float32, 16 kHz).
+    def _features(self, i: int, waves: np.ndarray) -> list[torch.Tensor]:
+        """Member ``i``'s input features for windows ``[N, samples]``, in chunks of ``_CHUNK`` windows.
 
         Windows of another length are padded or trimmed to the bundle window; the member's own
         waveform normalisation (``feature_config.normalize``) is applied here.
@@ -120,13 +119,18 @@ class Bundle:
         if member.feature_config.normalize != "none":
             waves = np.stack([normalize(w, member.feature_config.normalize) for w in waves])
         extractor = member.extractor(self.device)
-        out = []
-        for start in range(0, len(waves), _CHUNK):
-            feats = extractor.extract(waves[start : start + _CHUNK])
-            out.append(member.model(feats).float().cpu().numpy())
-        if not out:
+        return [extractor.extract(waves[start : start + _CHUNK]) for start in range(0, len(waves), _CHUNK)]
+
+    def _logits(self, i: int, features: list[torch.Tensor]) -> np.ndarray:
+        if not features:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
+        out = [self.members[i].model(f).float().cpu().numpy() for f in features]
         return np.concatenate(out).astype(np.float32, copy=False)
+
+    @torch.inference_mode()
+    def member_logits(self, i: int, waves: np.ndarray) -> np.ndarray:
+        """Raw logits ``[N, L]`` of member ``i`` for windows ``[N, samples]`` (float32, 16 kHz)."""
+        return self._logits(i, self._features(i, waves))
 
     def combine(self, member_logits: Sequence[np.ndarray]) -> np.ndarray:
         """Weighted mean of ``softmax(logits / T)`` over members -> probabilities ``[N, L]``."""
@@ -139,9 +143,20 @@ class Bundle:
             probs = p if probs is None else probs + p
         return probs.astype(np.float32)
 
+    @torch.inference_mode()
     def predict_proba(self, waves: np.ndarray) -> np.ndarray:
-        """Ensemble probabilities ``[N, L]`` for windows ``[N, samples]`` at 16 kHz."""
-        return self.combine([self.member_logits(i, waves) for i in range(len(self.members))])
+        """Ensemble probabilities ``[N, L]`` for windows ``[N, samples]`` at 16 kHz.
+
+        Members with the same feature config (cnn and bigru_attn by default) share one extraction:
+        the same features ``member_logits`` would compute, once.
+        """
+        shared: dict = {}
+        logits = []
+        for i, member in enumerate(self.members):
+            if member.feature_config not in shared:
+                shared[member.feature_config] = self._features(i, waves)
+            logits.append(self._logits(i, shared[member.feature_config]))
+        return self.combine(logits)
 
     def to(self, device: str) -> "Bundle":
         self.device = str(device)
