@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-EMODB = REPO.parent / "shared" / "data" / "emodb"
+# real EmoDB: ../shared/data/emodb next to the checkout, or wherever SER_RAY_EMODB points
+EMODB = Path(os.environ.get("SER_RAY_EMODB", REPO.parent / "shared" / "data" / "emodb"))
 
 
 def free_port() -> int:
