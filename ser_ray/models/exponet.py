@@ -37,9 +37,10 @@ class ExpoNetHparams:
 class ExpoNet(nn.Module):
     """``[B, n_mels, frames]`` -> logits ``[B, num_classes]``.
 
-    Five blocks of conv1d (bands as channels) + batch norm + ReLU + max-pool 2 (dropout after the last block's batch norm only), global
-    average pooling over time, dense 512, output layer. The mel bands are conv channels rather than
-    one flattened vector, so the model works for any window length.
+    Five blocks of conv1d (bands as channels) + batch norm + ReLU + max-pool 2 (dropout after the last
+    block only, where no batch norm follows), global average pooling over time, dense 512, output
+    layer. The mel bands are conv channels rather than one flattened vector, so the model works for
+    any window length.
     """
 
     Hparams = ExpoNetHparams

@@ -28,7 +28,8 @@ class MFCCCNN(nn.Module):
     """``[B, n_mfcc, frames]`` -> logits ``[B, num_classes]``.
 
     Each layer: conv1d over time (coefficients as channels) + batch norm + ELU + max-pool 2 +
-    dropout after the last one (never feeding batch norm); global average pooling over time and a single dense (output) layer.
+    dropout after the last one (never feeding batch norm); global average pooling over time and a
+    single dense (output) layer.
     """
 
     Hparams = MFCCCNNHparams

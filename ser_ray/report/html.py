@@ -174,10 +174,10 @@ def section_evaluation(root: Path) -> str:
         for key, name in (("ua", "UA"), ("wa", "WA"), ("macro_f1", "macro-F1")):
             if isinstance(data.get(key), dict):
                 row[name] = f"{data[key]['mean']:.3f} ± {data[key]['std']:.3f}"
-        rows.append(row)
         if data.get("dropped_labels"):
             dropped = data["dropped_labels"]
             row["labels dropped"] = ", ".join(dropped.get("train_only", []) + dropped.get("test_only", [])) or "-"
+        rows.append(row)
     if rows:
         parts.append("<h3>Runs</h3>" + _table(pd.DataFrame(rows)))
     return "".join(parts) if any(parts) else _missing("cv / compare results (run `ser-ray cv` or `ser-ray compare`)")

@@ -277,7 +277,7 @@ def mark_default_trials(table: pd.DataFrame, points: list[dict] | None) -> pd.Da
     for point in points or []:
         params = {k: v for k, v in point.items() if k != "family"}
         family = point.get("family") or (params and next(iter(params)).split("/")[0])
-        if not family or "family" not in table:
+        if not family or "family" not in table:  # an empty grid gives a table without columns
             continue
         match = table["family"] == family
         for name, value in params.items():
@@ -457,7 +457,7 @@ def write_best(table: pd.DataFrame, data: SearchData | None, cfg: SearchConfig) 
             metrics = classification_metrics(predictions["true"], predictions["pred"], data.labels)
             entry["test"] = {k: metrics[k] for k in ("ua", "wa", "macro_f1") if k in metrics}
             entry["test"]["n"] = int(len(predictions))
-        defaults = table[(table["family"] == family) & table["is_default"]] if "is_default" in table else table[:0]
+        defaults = table[(table["family"] == family) & table["is_default"]]
         if len(defaults):
             default = defaults.sort_values("best_val_ua", ascending=False).iloc[0]
             entry["default"] = {"trial_id": default["trial_id"], "val_ua": default["best_val_ua"],
