@@ -106,7 +106,7 @@ def test_compare_cli_writes_one_row_per_family(ray_session, corpora, tmp_path, c
     out = tmp_path / "compare"
     argv = ["compare", "--corpus", "synthetic", "--root", str(a), "--families", "cnn,exponet",
             "--protocol", "kfold", "--k", "2", "--max-folds", "1", "--epochs", "1", "--out", str(out),
-            "--set", "data.val_fraction=0.25", *tiny(corpora)]
+            "--set", "data.val_fraction=0.25", "--set", "data.speaker_norm=true", *tiny(corpora)]
     assert main(argv) == 0
     assert "| cnn |" in capsys.readouterr().out
 
@@ -118,8 +118,9 @@ def test_compare_cli_writes_one_row_per_family(ray_session, corpora, tmp_path, c
     for row in table.to_dict("records"):  # the table agrees with each family's own cv summary
         summary = json.loads((out / row["family"] / "summary.json").read_text())
         assert summary["family"] == row["family"] and summary["ua"]["mean"] == pytest.approx(row["ua_mean"])
+        assert summary["speaker_norm"] is True  # the transductive option is recorded with the result
     md = (out / "comparison.md").read_text()
-    assert "| exponet |" in md and "±" in md
+    assert "| exponet |" in md and "±" in md and "speaker-normalised" in md.splitlines()[0]
     assert (out / "comparison.png").stat().st_size > 0
     # both families read the same log-mel features of A: one shared cache
     assert len({json.loads((out / f / "summary.json").read_text())["feature_cache"] for f in ("cnn", "exponet")}) == 1

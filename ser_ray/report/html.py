@@ -169,7 +169,8 @@ def section_evaluation(root: Path) -> str:
         corpus = (f"{data['train_corpus']} -> {data['test_corpus']}" if data.get("test_corpus")
                   else data.get("corpus", "?"))
         row = {"result": str(path.parent.relative_to(root)), "family": data.get("family"), "corpus": corpus,
-               "protocol": data["protocol"] + (" (LEAKY)" if data.get("leaky") else ""),
+               "protocol": data["protocol"] + (" (LEAKY)" if data.get("leaky") else "")
+               + (" + speaker norm" if data.get("speaker_norm") else ""),
                "folds": len(data.get("folds_run") or [])}
         for key, name in (("ua", "UA"), ("wa", "WA"), ("macro_f1", "macro-F1")):
             if isinstance(data.get(key), dict):

@@ -109,7 +109,9 @@ def run_compare(config: TrainConfig, families: list[str], out: str | Path, *, ma
     table.to_csv(out / "comparison.csv", index=False)
     (out / "comparison.md").write_text(comparison_markdown(table, config))
     plot_comparison(table, out / "comparison.png",
-                    title=f"{config.data.corpus_name} {config.data.protocol}, {int(table['folds'].max())} fold(s)")
+                    title=f"{config.data.corpus_name} {config.data.protocol}"
+                    + (" + speaker norm" if config.data.speaker_norm else "")
+                    + f", {int(table['folds'].max())} fold(s)")
     log.info("compare: %d families -> %s", len(table), out / "comparison.csv")
     return table
 
@@ -119,7 +121,9 @@ def comparison_markdown(table: pd.DataFrame, config: TrainConfig) -> str:
     head = ["family", *(METRIC_NAMES[k] for k in METRICS), "parameters", "train s/epoch", "inference ms/clip", "folds"]
     lines = [
         (f"# Model comparison: {config.data.corpus_name}, protocol {config.data.protocol}, "
-         f"label map {config.label_map}, up to {config.epochs} epochs"),
+         f"label map {config.label_map}, up to {config.epochs} epochs"
+         + (", speaker-normalised features (test speakers' unlabelled clips included)"
+            if config.data.speaker_norm else "")),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",

@@ -33,6 +33,9 @@ class DataSpec:
     val_fraction: float = 0.15  # share of training speakers held out for validation
     cache_root: str | None = None  # feature cache root; default <out>/cache
     features: dict = dataclasses.field(default_factory=dict)  # FeatureConfig overrides, e.g. n_mels
+    # standardise features per speaker over all its clips (test speakers' too, labels unused); cv and
+    # cross-corpus only (see ser_ray.features.speaker_norm)
+    speaker_norm: bool = False
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:

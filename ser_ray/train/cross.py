@@ -98,8 +98,9 @@ def run_cross_corpus(config: TrainConfig, train_spec: DataSpec, test_spec: DataS
     feature_config = family_feature_config(config.family, FeatureConfig(**train_spec.features))
     cache_root = train_spec.cache_root or str(out / "cache")
     # One cache per corpus (all its label-mapped clips), so cv runs on the same corpus can share it.
-    train_rows, train_cache = feature_rows(train_all, feature_config, cache_root)
-    test_rows, test_cache = feature_rows(test_all, feature_config, cache_root)
+    norm = train_spec.speaker_norm or test_spec.speaker_norm
+    train_rows, train_cache = feature_rows(train_all, feature_config, cache_root, speaker_norm=norm)
+    test_rows, test_cache = feature_rows(test_all, feature_config, cache_root, speaker_norm=norm)
     tr, va = (train_rows[train_rows["path"].isin(part["path"])] for part in (train_df, val_df))
     te = test_rows[test_rows["path"].isin(test_df["path"])]
 
@@ -134,6 +135,7 @@ def run_cross_corpus(config: TrainConfig, train_spec: DataSpec, test_spec: DataS
         "test_labels": test_labels,
         "label_map": config.label_map,
         "leaky": False,
+        "speaker_norm": norm,
         "n_train_clips": len(tr),
         "n_val_clips": len(va),
         "n_test_clips": len(te),

@@ -105,17 +105,24 @@ def fold_frames(df: pd.DataFrame, protocol: str, fold: int, val_fraction: float,
     return train, val, test
 
 
-def feature_rows(manifest: pd.DataFrame, feature_config: FeatureConfig, cache_root: str):
-    """``(manifest rows + features/error columns, CacheInfo)``: the feature cache of these clips, built if missing."""
+def feature_rows(manifest: pd.DataFrame, feature_config: FeatureConfig, cache_root: str, *,
+                 speaker_norm: bool = False):
+    """``(manifest rows + features/error columns, CacheInfo)``: the feature cache of these clips, built if missing.
+
+    ``speaker_norm`` standardises the features of each speaker with its own statistics (see
+    ``ser_ray.features.speaker_norm``); the cache itself stays unnormalised.
+    """
     from ser_ray.corpora.manifest import MANIFEST_COLUMNS
     from ser_ray.features.pipeline import load_cache_pandas, prepare
+    from ser_ray.features.speaker_norm import speaker_normalise
 
     # manifest columns only: the cache is shared by every protocol/fold assignment of these clips
     cache = prepare(manifest[list(MANIFEST_COLUMNS)], cache_root, feature_config)
     if cache.n_error:
         log.warning("%d clip(s) failed feature extraction and are left out, e.g. %s", cache.n_error, cache.errors[:1])
     features = load_cache_pandas(cache)[["path", "features", "error"]]
-    return manifest.merge(features, on="path", how="left", validate="one_to_one"), cache
+    rows = manifest.merge(features, on="path", how="left", validate="one_to_one")
+    return (speaker_normalise(rows) if speaker_norm else rows), cache
 
 
 def speaker_list(df: pd.DataFrame) -> list[str]:
@@ -224,7 +231,11 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
         raise RuntimeError(f"{out}/folds.json: speakers shared between train/val/test; the split is not speaker-independent")
 
     feature_config = family_feature_config(config.family, FeatureConfig(**data.features))
-    rows, cache = feature_rows(manifest, feature_config, data.cache_root or str(out / "cache"))
+    if data.speaker_norm:
+        log.info("speaker normalisation on: each speaker's features standardised with its own clips' "
+                 "statistics (test speakers included, labels unused)")
+    rows, cache = feature_rows(manifest, feature_config, data.cache_root or str(out / "cache"),
+                               speaker_norm=data.speaker_norm)
 
     storage_path = config.storage_path or str(out / "ray")
     run_id = config.name or f"{config.family}-{data.protocol}"
@@ -255,6 +266,7 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
         "labels": labels,
         "label_map": config.label_map,
         "leaky": leaky,
+        "speaker_norm": data.speaker_norm,
         "n_clips": int(len(manifest)),
         "n_speakers": int(manifest["speaker"].nunique()),
         "confusion": confusion.tolist(),

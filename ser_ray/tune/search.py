@@ -78,6 +78,10 @@ class SearchConfig:
     def __post_init__(self):
         if isinstance(self.data, dict):
             self.data = DataSpec(**self.data)
+        if self.data.speaker_norm:
+            raise ValueError("data.speaker_norm is an evaluation option of cv/compare (it needs every clip "
+                             "of the test speakers up front); the models a search leaves behind serve unknown "
+                             "speakers, so tune does not take it")
         if isinstance(self.families, str):
             self.families = [f.strip() for f in self.families.split(",") if f.strip()]
         if not self.families:
