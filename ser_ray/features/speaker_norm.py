@@ -28,15 +28,16 @@ def speaker_normalise(rows: pd.DataFrame) -> pd.DataFrame:
     """
     if "speaker" not in rows.columns or "features" not in rows.columns:
         raise ValueError("speaker normalisation needs 'speaker' and 'features' columns")
-    ok = rows["error"].isna() if "error" in rows.columns else pd.Series(True, index=rows.index)
+    ok = rows["error"].isna().to_numpy() if "error" in rows.columns else np.ones(len(rows), dtype=bool)
+    speakers = rows["speaker"].astype(str).to_numpy()
+    features = rows["features"].to_numpy(copy=True)  # object array of [C, F] arrays
+    for speaker in np.unique(speakers[ok]):
+        idx = np.flatnonzero(ok & (speakers == speaker))
+        stack = np.stack(features[idx]).astype(np.float32, copy=False)  # [n, C, F]
+        mean = stack.mean(axis=(0, 2), keepdims=True)
+        std = np.maximum(stack.std(axis=(0, 2), keepdims=True), EPS)
+        for i, clip in zip(idx, (stack - mean) / std):
+            features[i] = clip
     out = rows.copy()
-    features = list(out["features"])
-    for _, group in out[ok].groupby(out.loc[ok, "speaker"].astype(str)):
-        positions = [out.index.get_loc(i) for i in group.index]
-        stack = np.stack([np.asarray(features[p], dtype=np.float32) for p in positions])  # [n, C, F]
-        mean = stack.mean(axis=(0, 2), keepdims=True)[0]  # [C, 1]
-        std = stack.std(axis=(0, 2), keepdims=True)[0]
-        for p in positions:
-            features[p] = ((np.asarray(features[p], dtype=np.float32) - mean) / np.maximum(std, EPS)).astype(np.float32)
     out["features"] = features
     return out
