@@ -1,8 +1,8 @@
 """``ser-ray demo``: the whole system end to end on the embedded synthetic corpus.
 
 synthetic corpus -> manifest + describe -> speaker-disjoint split -> Ray Data features -> Optuna/ASHA
-search over cnn, bigru_attn and a tiny wav2vec2 (from a config created locally: no downloads) ->
-ensemble bundle -> Ray Serve endpoint -> annotate a synthetic archive of long recordings through the
+search over cnn, bigru_attn, logreg (on utterance functionals) and a tiny wav2vec2 (from a config
+created locally: no downloads) -> ensemble bundle -> Ray Serve endpoint -> annotate a synthetic archive of long recordings through the
 endpoint -> ``report.html``. Every stage is the same code the individual commands run.
 
 A second run in the same ``--out`` reuses the corpus, the archive and the feature cache; the search,
@@ -187,7 +187,8 @@ def _search(cfg: DemoConfig, out: Path, corpus: Path, stages: Stages, throughput
     from ser_ray.tune.search import SearchConfig, run_search
 
     plan = cfg.plan
-    families = ["cnn", "bigru_attn"] + (["wav2vec2"] if plan["wav2vec2"] else [])
+    # logreg: a classical member on utterance functionals, fitted in seconds inside its trial
+    families = ["cnn", "bigru_attn", "logreg"] + (["wav2vec2"] if plan["wav2vec2"] else [])
     space: dict = {}
     if plan["wav2vec2"]:
         pretrained = tiny_wav2vec2(out / "pretrained" / "tiny-wav2vec2", len(SIX_CLASS))

@@ -73,10 +73,10 @@ def test_tune_job_runs_under_ray_job_submit(ray_head, tmp_path):
         "name": "job-tune",
         "data": {"corpus": "synthetic", "root": str(corpus), "protocol": "kfold", "k": 4, "test_fold": 0,
                  "val_fraction": 0.25, "features": {"n_mels": 32, "window_s": 1.5}},
-        "families": ["cnn", "bigru_attn"],
-        "num_samples": 4, "max_epochs": 2, "grace_period": 1, "reduction_factor": 2,
+        "families": ["cnn", "bigru_attn", "logreg"],
+        "num_samples": 5, "max_epochs": 2, "grace_period": 1, "reduction_factor": 2,
         "max_concurrent_trials": 2, "seed": 0, "tpe_startup_trials": 2,
-        "resources": {"cnn": {"cpu": 0.75}, "bigru_attn": {"cpu": 0.75}},
+        "resources": {"cnn": {"cpu": 0.75}, "bigru_attn": {"cpu": 0.75}, "logreg": {"cpu": 0.75}},
         "train": {"patience": 0, "batch_size": 16},
         "space": {"cnn": {"hparams": {"width": {"choice": [8, 16]}}},
                   "bigru_attn": {"hparams": {"hidden": {"choice": [16, 32]}, "layers": 1}}},
@@ -97,12 +97,14 @@ def test_tune_job_runs_under_ray_job_submit(ray_head, tmp_path):
 
     experiment = out / "job-tune"
     table = pd.read_parquet(experiment / "trials.parquet")
-    assert len(table) == 4 and set(table["family"]) <= {"cnn", "bigru_attn"}
+    assert len(table) == 5 and set(table["family"]) == {"cnn", "bigru_attn", "logreg"}  # each family's default
     assert (table["epochs_run"] <= 2).all() and (table["status"] == "ok").all()
     assert pd.read_csv(experiment / "trials.csv")["trial_id"].tolist() == table["trial_id"].tolist()
     best = json.loads((experiment / "best.json").read_text())
     families = [f for f in best if not f.startswith("_")]
-    assert families and set(families) <= set(table["family"])
+    assert "logreg" in families and set(families) <= set(table["family"])
+    logreg = table[table["family"] == "logreg"]
+    assert (logreg["stop_reason"] == "completed").all() and (logreg["epochs_run"] == 1).all()  # one fit, no epochs
     from ser_ray.models import load_model
 
     for family in families:

@@ -1,7 +1,7 @@
 """The Serve app over real HTTP: predictions, annotation rows, access control, upload limits, the client.
 
-One tiny two-member bundle (random cnn + bigru_attn on 1 s log-mel windows) is served once for the
-module on 127.0.0.1; every test talks to it with httpx like a user would.
+One tiny three-member bundle (random cnn + bigru_attn on 1 s log-mel windows, a logreg fitted on
+functionals of tones) is served once for the module on 127.0.0.1; every test talks to it with httpx like a user would.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ser_ray.features.config import FeatureConfig
 
 LABELS = ["anger", "disgust", "fear", "happiness", "neutral", "sadness"]
 FEATURES = FeatureConfig(kind="logmel", window_s=1.0, n_mels=32, n_fft=512, hop_length=256)
+CLASSICAL = FeatureConfig(kind="functionals", window_s=1.0, n_mels=32, n_mfcc=13, n_fft=512, hop_length=160)
 MAX_UPLOAD_MB = 0.25
 
 
@@ -30,6 +31,20 @@ def tone(seconds: float, sr: int = 16_000, freq: float = 220.0, seed: int = 0, c
     t = np.arange(int(seconds * sr)) / sr
     x = 0.3 * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(len(t))
     return np.repeat(x[:, None], channels, axis=1).astype(np.float32)
+
+
+def fitted_logreg():
+    """A logreg fitted on functionals of tones of six pitches (one per label), three "speakers"."""
+    from ser_ray.features.extractor import FeatureExtractor
+    from ser_ray.models import build_model
+
+    extractor = FeatureExtractor(CLASSICAL)
+    waves = np.stack([tone(1.0, freq=110 * (1 + label), seed=seed)[:, 0] for label in range(len(LABELS))
+                      for seed in range(6)])
+    labels = np.repeat(np.arange(len(LABELS)), 6)
+    model = build_model("logreg", len(LABELS), CLASSICAL, C=0.1)
+    model.fit_arrays(extractor(waves), labels, np.tile(np.arange(6) % 3, len(LABELS)))
+    return model
 
 
 def make_bundle(directory) -> str:
@@ -42,6 +57,7 @@ def make_bundle(directory) -> str:
         Member("bigru_attn", build_model("bigru_attn", len(LABELS), FEATURES, hidden=16, attn_dim=16), FEATURES,
                weight=0.4, temperature=1.0, name="bigru"),
     ]
+    members.append(Member("logreg", fitted_logreg(), CLASSICAL, weight=0.5, temperature=1.0, name="logreg"))
     for m in members:
         m.model.eval()
     save_bundle(Bundle(labels=LABELS, members=members, sample_rate=16_000, window_s=1.0), str(directory))

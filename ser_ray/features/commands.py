@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ser_ray.features.config import FEATURE_KINDS
+
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str = "prepare") -> None:
     parser.add_argument("--manifest", required=True, help="manifest file (.parquet or .csv, local or s3://)")
     parser.add_argument("--out", required=True, help="cache root (local dir or s3://); the cache goes in OUT/<key>/")
-    parser.add_argument("--features", default="logmel", choices=["logmel", "mfcc", "zcr_energy", "waveform"])
+    parser.add_argument("--features", default="logmel", choices=list(FEATURE_KINDS))
     parser.add_argument("--normalize", default="none", choices=["none", "peak", "rms"],
                         help="waveform level normalisation before features")
     parser.add_argument("--batch-size", type=int, default=64, help="clips per feature batch")

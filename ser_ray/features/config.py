@@ -7,7 +7,8 @@ import hashlib
 import json
 from typing import Literal
 
-FeatureKind = Literal["logmel", "mfcc", "zcr_energy", "waveform"]
+FeatureKind = Literal["logmel", "mfcc", "zcr_energy", "waveform", "functionals"]
+FEATURE_KINDS = ("logmel", "mfcc", "zcr_energy", "waveform", "functionals")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,6 +17,8 @@ class FeatureConfig:
 
     ``waveform`` keeps the fixed-length 16 kHz window itself (``[1, samples]``): wav2vec2 reads it,
     and training can compute log-mels from it on the fly after waveform-domain augmentation.
+    ``functionals`` is one named vector of utterance statistics per clip (``[D, 1]``, see
+    ``ser_ray.features.functionals``), read by the classical families.
     """
 
     kind: FeatureKind = "logmel"
@@ -30,10 +33,8 @@ class FeatureConfig:
     normalize: str = "none"
 
     def __post_init__(self):
-        if self.kind not in ("logmel", "mfcc", "zcr_energy", "waveform"):
-            raise ValueError(
-                f"unknown feature kind {self.kind!r}; choose logmel, mfcc, zcr_energy or waveform"
-            )
+        if self.kind not in FEATURE_KINDS:
+            raise ValueError(f"unknown feature kind {self.kind!r}; choose one of {list(FEATURE_KINDS)}")
         if self.normalize not in ("none", "peak", "rms"):
             raise ValueError(f"unknown normalisation {self.normalize!r}; choose none, peak or rms")
 
@@ -45,13 +46,28 @@ class FeatureConfig:
     def num_frames(self) -> int:
         if self.kind == "waveform":
             return self.num_samples
+        if self.kind == "functionals":
+            return 1
         # centred STFT frames, as librosa and torchaudio (center=True) produce
         return 1 + self.num_samples // self.hop_length
 
     @property
     def num_channels(self) -> int:
-        """Feature rows per frame: mel bands, MFCCs, 2 (ZCR, energy) or 1 (the waveform itself)."""
+        """Feature rows per frame: mel bands, MFCCs, 2 (ZCR, energy), 1 (the waveform itself) or the
+        number of utterance functionals."""
+        if self.kind == "functionals":
+            from ser_ray.features.functionals import num_functionals
+
+            return num_functionals(self.n_mels, self.n_mfcc)
         return {"logmel": self.n_mels, "mfcc": self.n_mfcc, "zcr_energy": 2, "waveform": 1}[self.kind]
+
+    def feature_names(self) -> list[str] | None:
+        """Names of the feature rows of ``functionals`` (what a classical model weighs); None otherwise."""
+        if self.kind != "functionals":
+            return None
+        from ser_ray.features.functionals import functional_names
+
+        return functional_names(self.n_mels, self.n_mfcc)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -13,6 +13,7 @@ import torchaudio
 
 from ser_ray.audio.decode import fix_length, normalize, resample, to_mono
 from ser_ray.features.config import FeatureConfig
+from ser_ray.features.functionals import utterance_functionals
 
 AMIN = 1e-10  # librosa.power_to_db's floor
 
@@ -37,7 +38,7 @@ class FeatureExtractor:
             norm="slaney",
             mel_scale="slaney",
         ).to(self.device)
-        if c.kind == "mfcc":
+        if c.kind in ("mfcc", "functionals"):
             self.dct = torchaudio.functional.create_dct(c.n_mfcc, c.n_mels, norm="ortho").to(self.device)
 
     # -- waveform preparation -------------------------------------------------------------------
@@ -61,6 +62,8 @@ class FeatureExtractor:
             return x.unsqueeze(1)
         if kind == "zcr_energy":
             return self._zcr_energy(x)
+        if kind == "functionals":
+            return utterance_functionals(self, x)
         logmel = self._power_to_db(self.mel(x))
         if kind == "logmel":
             return logmel

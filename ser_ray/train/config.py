@@ -16,6 +16,7 @@ import yaml
 
 SCHEDULERS = ("plateau", "cosine")
 PROTOCOLS = ("loso", "kfold", "cremad-fixed", "fixed")  # see ser_ray.splits
+NORMALISE_BY = ("none", "speaker")  # feature normalisation of a training/evaluation run
 
 
 @dataclasses.dataclass
@@ -33,11 +34,18 @@ class DataSpec:
     val_fraction: float = 0.15  # share of training speakers held out for validation
     cache_root: str | None = None  # feature cache root; default <out>/cache
     features: dict = dataclasses.field(default_factory=dict)  # FeatureConfig overrides, e.g. n_mels
-    # standardise features per speaker over all its clips (test speakers' too, labels unused); cv and
-    # cross-corpus only (see ser_ray.features.speaker_norm)
-    speaker_norm: bool = False
+    # none | speaker: standardise features per speaker over all its clips (test speakers' too, labels
+    # unused); cv, compare and cross-corpus (see ser_ray.features.speaker_norm)
+    normalise_by: str = "none"
+    speaker_norm: bool = False  # the older name of normalise_by: speaker; kept in step with it
 
     def __post_init__(self):
+        if self.normalise_by not in NORMALISE_BY:
+            raise ValueError(f"data.normalise_by {self.normalise_by!r}: choose one of {list(NORMALISE_BY)} "
+                             "(per-file normalisation is an annotation option: `ser-ray annotate --normalise-by file`)")
+        if self.speaker_norm:
+            self.normalise_by = "speaker"
+        self.speaker_norm = self.normalise_by == "speaker"
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"data.protocol {self.protocol!r}: choose one of {list(PROTOCOLS)}")
         for i, source in enumerate(self.corpora or []):

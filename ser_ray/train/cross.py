@@ -136,6 +136,7 @@ def run_cross_corpus(config: TrainConfig, train_spec: DataSpec, test_spec: DataS
         "label_map": config.label_map,
         "leaky": False,
         "speaker_norm": norm,
+        "normalise_by": "speaker" if norm else "none",
         "n_train_clips": len(tr),
         "n_val_clips": len(va),
         "n_test_clips": len(te),

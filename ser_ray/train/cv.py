@@ -267,6 +267,7 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
         "label_map": config.label_map,
         "leaky": leaky,
         "speaker_norm": data.speaker_norm,
+        "normalise_by": data.normalise_by,
         "n_clips": int(len(manifest)),
         "n_speakers": int(manifest["speaker"].nunique()),
         "confusion": confusion.tolist(),

@@ -386,15 +386,24 @@ def fit(
 ) -> TrainResult:
     """Train ``config.family`` on feature-cache rows with Ray Train; select the best epoch on ``val_df``.
 
+    Classical families (``logreg``, ``svm``) are fitted in this process instead (``train.classical``).
+
     ``train_df``/``val_df`` are feature-cache rows (manifest columns + ``features``), already label
     mapped. Rerunning with the same ``(storage_path, name)`` resumes that run.
     """
-    train_df = usable_rows(train_df, "training set")
-    val_df = usable_rows(val_df, "validation set")
+    from ser_ray.models.classical import is_classical
+
     name = name or config.name or f"{config.family}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     storage_path = storage_path or config.storage_path or str(Path("~/ser-ray-results").expanduser())
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).expanduser().resolve())
+    if is_classical(config.family):  # seconds of scikit-learn: no worker group (see train.classical)
+        from ser_ray.train.classical import fit_classical
+
+        return fit_classical(train_df, val_df, labels, feature_config, config,
+                             run_dir=f"{storage_path.rstrip('/')}/{name}")
+    train_df = usable_rows(train_df, "training set")
+    val_df = usable_rows(val_df, "validation set")
     datasets = {
         "train": make_dataset(train_df, labels, shuffle_seed=config.seed),
         "val": make_dataset(val_df, labels),

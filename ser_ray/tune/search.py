@@ -235,10 +235,18 @@ def tune_trial(config: dict, data: SearchData) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from ser_ray.models.classical import is_classical
     from ser_ray.train.loop import loop_config, make_dataset, make_trainer
 
     train_cfg = trial_train_config(data, config)
     frames = data.frames[train_cfg.family]
+    if is_classical(train_cfg.family):  # seconds of scikit-learn in this trial's process, no worker group
+        from ser_ray.train.classical import fit_classical
+
+        result = fit_classical(frames.train, frames.val, data.labels, frames.feature_config, train_cfg,
+                               run_dir=storage.join(data.train_storage, f"train-{tune.get_context().get_trial_id()}"))
+        tune.report({**result.best_metrics, "checkpoint_path": result.best_checkpoint})
+        return
     datasets = {
         "train": make_dataset(frames.train, data.labels, shuffle_seed=train_cfg.seed),
         "val": make_dataset(frames.val, data.labels),
@@ -366,6 +374,8 @@ def restore_tuner(path: str, trainable: Callable, *, resources: dict | Callable 
 
 def results_table(grid, cfg: SearchConfig) -> pd.DataFrame:
     """One row per trial: id, family, params (flat and as JSON), best val metrics, epochs, stop reason."""
+    from ser_ray.models.classical import is_classical
+
     rows = []
     for result in grid:
         history = result.metrics_dataframe
@@ -385,14 +395,15 @@ def results_table(grid, cfg: SearchConfig) -> pd.DataFrame:
             epochs = int(history["training_iteration"].max())
             last_flag = history.iloc[-1].get("early_stop")  # the loop's own (patience) early stopping
             patience_stop = isinstance(last_flag, (bool, np.bool_)) and bool(last_flag)
+            done = epochs >= cfg.max_epochs or is_classical(family)  # a classical fit is one step
             row.update(
                 best_val_ua=float(best.get("val_ua", math.nan)),
                 best_val_wa=float(best.get("val_wa", math.nan)),
                 best_val_macro_f1=float(best.get("val_macro_f1", math.nan)),
                 best_epoch=int(best["training_iteration"]),
                 epochs_run=epochs,
-                stopped_early=epochs < cfg.max_epochs and result.error is None,
-                stop_reason=("error" if result.error is not None else "completed" if epochs >= cfg.max_epochs
+                stopped_early=not done and result.error is None,
+                stop_reason=("error" if result.error is not None else "completed" if done
                              else "patience" if patience_stop else "asha"),
                 time_s=float(history["time_total_s"].max()) if "time_total_s" in history else math.nan,
                 started=float(history["timestamp"].min() - history["time_this_iter_s"].iloc[0])

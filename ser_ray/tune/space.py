@@ -76,6 +76,15 @@ DEFAULT_SPACES: dict[str, dict] = {
             "noise_snr_db": tune.uniform(5.0, 25.0),  # low end of the added-noise SNR range (dB)
         },
     },
+    # Classical families: scikit-learn on utterance functionals (no epochs, no lr).
+    "logreg": {"hparams": {"C": tune.loguniform(1e-4, 1.0)}},
+    "svm": {
+        "hparams": {
+            "kernel": tune.choice(["linear", "rbf"]),
+            "C": tune.loguniform(1e-4, 100.0),
+            "gamma": tune.uniform(0.25, 2.0),  # rbf only, in units of 1/D
+        },
+    },
 }
 
 # YAML distribution name -> Ray Tune constructor taking the listed values

@@ -1,0 +1,101 @@
+"""Training of the classical families (``logreg``, ``svm``): scikit-learn in the calling process.
+
+A classical model fits in seconds, so it skips Ray Train's worker group (~20–35 s to start per run):
+``ser-ray cv`` and ``compare`` fit it in the driver, a Tune trial fits it inside the trial's own
+process. Training and validation rows are pooled and the open hyperparameters are chosen by
+speaker-grouped cross-validation inside those speakers (``fit_arrays``): with a handful of speakers,
+one validation speaker is a noisy judge, and the test speakers are never involved either way.
+
+The result has the shape of a Ray Train run's (:class:`~ser_ray.train.loop.TrainResult`): the model
+directory in ``save_model`` layout, ``val_ua`` / ``val_loss`` out of fold, and ``oof.parquet`` with
+the out-of-fold probabilities of every training clip (per-fold ensembles fit their weights on it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ser_ray import storage
+from ser_ray.features.config import FeatureConfig
+from ser_ray.train.config import TrainConfig, config_to_plain
+
+log = logging.getLogger(__name__)
+
+OOF_PREDICTIONS = "oof.parquet"
+
+
+def fit_classical(
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame,
+    labels: list[str],
+    feature_config: FeatureConfig,
+    config: TrainConfig,
+    *,
+    run_dir: str,
+):
+    """Fit ``config.family`` on the pooled rows; write ``run_dir/model`` and ``run_dir/oof.parquet``."""
+    from ser_ray.features.pipeline import features_array
+    from ser_ray.models import build_model, save_model
+    from ser_ray.train.loop import TrainResult, usable_rows
+
+    rows = pd.concat([usable_rows(train_df, "training set"), usable_rows(val_df, "validation set")],
+                     ignore_index=True)
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = sorted(set(rows["emotion"]) - set(index))
+    if unknown:
+        raise ValueError(f"rows with labels {unknown} are not in the label list {labels}; apply the label map first")
+    start = time.perf_counter()
+    model = build_model(config.family, len(labels), feature_config, **config.hparams)
+    info = model.fit_arrays(features_array(rows), rows["emotion"].map(index).to_numpy(),
+                            rows["speaker"].astype(str).to_numpy())
+    seconds = time.perf_counter() - start
+    model_dir = storage.join(run_dir, "model")
+    oof = info.pop("oof_probs", None)
+    save_model(model_dir, model, family=config.family, hparams=dataclasses.asdict(model.hparams), labels=labels,
+               feature_config=feature_config, extra={"fit": _plain(info)})
+    metrics = {"epoch": 1, "val_ua": info.get("inner_ua", float("nan")), "val_loss": info.get("inner_nll", float("nan")),
+               "epoch_s": round(seconds, 3), "inner_folds": info["inner_folds"], **info["chosen"]}
+    if oof is not None:  # out-of-fold scores over every training speaker: the "validation" of this fit
+        from ser_ray.train.metrics import classification_metrics
+
+        scores = classification_metrics(rows["emotion"], np.asarray(labels)[oof.argmax(1)], labels)
+        metrics.update(val_wa=scores["wa"], val_macro_f1=scores["macro_f1"])
+    if oof is not None:
+        frame = rows[["path", "speaker", "emotion"]].rename(columns={"emotion": "true"}).reset_index(drop=True)
+        for i, label in enumerate(labels):
+            frame[f"prob_{label}"] = oof[:, i].astype(np.float32)
+        if "://" not in run_dir:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+        storage.write_bytes(storage.join(run_dir, OOF_PREDICTIONS), _parquet_bytes(frame))
+    storage.write_bytes(storage.join(run_dir, "fit.json"), json.dumps(_plain({**info, **metrics}), indent=1).encode())
+    log.info("%s: chose %s by %d-fold speaker-grouped CV on %d clips (%d speakers): inner UA %.3f, %.1f s",
+             config.family, info["chosen"], info["inner_folds"], len(rows), rows["speaker"].nunique(),
+             metrics["val_ua"], seconds)
+    return TrainResult(best_checkpoint=model_dir, best_metrics=metrics, history=[metrics], path=run_dir,
+                       labels=list(labels), config=config_to_plain(config))
+
+
+def _parquet_bytes(frame: pd.DataFrame) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def _plain(value):
+    """JSON-safe copy (numpy scalars to Python numbers)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,144 @@
+"""Utterance functionals and the classical families (logreg, svm): features, fitting, the torch form of
+the fitted scikit-learn models, saving and loading, and ``ser-ray cv`` with them on real Ray."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ser_ray.features import FeatureConfig, FeatureExtractor
+from ser_ray.models import build_model, family_feature_config, load_model, save_model
+
+SR = 16_000
+FUNCTIONALS = FeatureConfig(kind="functionals", window_s=2.0, n_mels=32, n_mfcc=13, n_fft=512, hop_length=160)
+
+
+def voice(seconds: float, f0: float = 150.0, level: float = 0.3, seed: int = 0) -> np.ndarray:
+    """A harmonic "vowel" with a little noise: voiced, with a known pitch."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    x = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 6))
+    return (level * x / 2 + 0.005 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def test_functionals_are_named_finite_and_ignore_the_padding():
+    extractor = FeatureExtractor(FUNCTIONALS)
+    names = FUNCTIONALS.feature_names()
+    assert FUNCTIONALS.shape == (len(names), 1) and len(set(names)) == len(names)
+    clip = voice(1.2)
+    padded_2s = extractor.prepare_wave(clip, SR)  # zero-padded to the 2 s window
+    longer = FeatureExtractor(FeatureConfig(**{**FUNCTIONALS.to_dict(), "window_s": 3.0}))
+    a = extractor(padded_2s[None])[0, :, 0]
+    b = longer(longer.prepare_wave(clip, SR)[None])[0, :, 0]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)  # padding is not part of the clip
+    value = dict(zip(names, a))
+    assert value["duration_s"] == pytest.approx(1.2, abs=0.02)
+    # 150 Hz is 17.5 semitones above 55 Hz; most of a steady vowel is voiced
+    assert value["f0_p50"] == pytest.approx(12 * np.log2(150 / 55), abs=0.3)
+    assert value["voiced_fraction"] > 0.8
+    # silence and an empty window give zeros, never NaN; a clip's vector does not depend on its batch
+    batch = np.stack([padded_2s, np.zeros_like(padded_2s), extractor.prepare_wave(voice(2.0, 220, seed=1), SR)])
+    out = extractor(batch)
+    assert np.isfinite(out).all() and not out[1].any()
+    np.testing.assert_allclose(out[0, :, 0], a, rtol=1e-5, atol=1e-4)
+    # higher pitch and louder voice show up where they should
+    high = dict(zip(names, out[2, :, 0]))
+    assert high["f0_p50"] > value["f0_p50"] + 5
+
+
+SMALL = FeatureConfig(kind="functionals", n_mels=2, n_mfcc=2)  # 61 functionals: enough for toy blobs
+
+
+def toy(n_per_class=12, classes=3, dim=SMALL.num_channels, speakers=4, seed=0):
+    """Separable blobs with a per-speaker offset (what speaker-grouped CV has to see through)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 2, (classes, dim))
+    x, y, g = [], [], []
+    for s in range(speakers):
+        offset = rng.normal(0, 1, dim)
+        for c in range(classes):
+            x.append(centres[c] + offset + rng.normal(0, 1, (n_per_class, dim)))
+            y += [c] * n_per_class
+            g += [f"s{s}"] * n_per_class
+    return np.concatenate(x)[:, :, None].astype(np.float32), np.array(y), np.array(g)
+
+
+@pytest.mark.parametrize("family,hparams", [("logreg", {}), ("svm", {"kernel": "linear"}), ("svm", {"kernel": "rbf"})])
+def test_classical_fit_matches_sklearn_and_round_trips(tmp_path, family, hparams):
+    x, y, g = toy()
+    fc = SMALL
+    model = build_model(family, 3, fc, **hparams)
+    info = model.fit_arrays(x, y, g)
+    assert info["inner_folds"] == 4 and info["chosen"]["C"] in [r["C"] for r in info["grid"]]
+    assert model.hparams.C == info["chosen"]["C"]  # the saved hparams say what was used
+    # the torch module reproduces the fitted scikit-learn estimator's decision values
+    z = (x[:, :, 0] - model.mean.numpy()) / model.scale.numpy()
+    est = model._fit_scaled(z.astype(np.float64), y, info["chosen"])
+    with torch.no_grad():
+        decision = model.decision(torch.as_tensor(z)).numpy()
+    np.testing.assert_allclose(decision, model._decision(est, z.astype(np.float64)), rtol=1e-3, atol=1e-3)
+    # out-of-fold probabilities are calibrated probabilities of a separable problem
+    assert info["oof_probs"].shape == (len(y), 3) and np.allclose(info["oof_probs"].sum(1), 1)
+    assert info["inner_ua"] > 0.9 and model.logit_scale.item() > 0
+    # saved and loaded (rbf: support vectors of fitted size) -> the same probabilities
+    save_model(str(tmp_path / "m"), model, family=family, hparams=None, labels=["a", "b", "c"], feature_config=fc)
+    loaded, meta = load_model(str(tmp_path / "m"))
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(torch.as_tensor(x)).numpy(), model(torch.as_tensor(x)).numpy(), atol=1e-5)
+    assert meta.hparams["C"] == model.hparams.C
+
+
+def test_two_classes_and_one_speaker():
+    x, y, g = toy(classes=2)
+    fc = SMALL
+    for hparams in ({"kernel": "linear"}, {"kernel": "rbf"}):
+        model = build_model("svm", 2, fc, **hparams)
+        info = model.fit_arrays(x, y, g)
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.as_tensor(x)), -1).numpy()
+        assert (probs.argmax(1) == y).mean() > 0.9 and info["inner_ua"] > 0.9
+    model = build_model("logreg", 2, fc)
+    info = model.fit_arrays(x, y, np.zeros(len(y)))  # one speaker: nothing to validate on
+    assert info["inner_folds"] == 1 and "inner_ua" not in info and model.hparams.C is not None
+
+
+def test_classical_families_read_functionals():
+    fc = family_feature_config("logreg")
+    assert fc.kind == "functionals" and fc.hop_length == 160 and fc.shape == (len(fc.feature_names()), 1)
+    with pytest.raises(ValueError, match="functionals"):
+        build_model("logreg", 3, FeatureConfig(kind="logmel"))
+    with pytest.raises(ValueError, match="kernel"):
+        build_model("svm", 3, fc, kernel="poly")
+
+
+def test_cv_with_logreg_runs_without_ray_train(ray_session, tmp_path):
+    """``ser-ray cv --family logreg`` on a tiny synthetic corpus: real Ray Data features, per-fold
+    scikit-learn fits in the driver (no Ray Train run directory), a model that loads, a summary."""
+    from ser_ray.cli import main
+    from ser_ray.corpora import synthetic
+
+    root = tmp_path / "corpus"
+    synthetic.generate(root, actors=4, seed=0, sentences=["IEO", "TIE"], emotions=["anger", "neutral", "sadness"],
+                       workers=1, progress=False)
+    out = tmp_path / "cv"
+    rc = main(["cv", "--corpus", "synthetic", "--root", str(root), "--family", "logreg", "--protocol", "loso",
+               "--max-folds", "2", "--set", "data.features={window_s: 1.0}", "--out", str(out)])
+    assert rc in (0, None)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["family"] == "logreg" and summary["normalise_by"] == "none" and len(summary["ua"]["values"]) == 2
+    assert summary["feature_config"]["kind"] == "functionals"
+    fold = json.loads((out / "fold_0" / "metrics.json").read_text())
+    assert fold["best_epoch"] == 1 and fold["test_speakers"] == ["synthetic:1001"]
+    assert "synthetic:1001" not in fold["val_speakers"]
+    model, meta = load_model(str(out / "fold_0" / "model"))
+    assert meta.family == "logreg" and meta.hparams["C"] is not None and meta.extra["fit"]["inner_folds"] >= 2
+    # out-of-fold probabilities of the training speakers only
+    import pandas as pd
+
+    run = out / "ray" / "logreg-loso-fold0"
+    oof = pd.read_parquet(run / "oof.parquet")
+    assert "synthetic:1001" not in set(oof["speaker"]) and np.allclose(oof.filter(like="prob_").sum(1), 1, atol=1e-4)
+    assert not list(run.glob("checkpoint_*"))  # no Ray Train run behind it
