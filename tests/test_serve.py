@@ -155,7 +155,7 @@ def assert_still_serving(served):
 def test_health_and_labels(served):
     r = served.http.get("/healthz")
     assert r.status_code == 200 and r.json()["status"] == "ok"
-    assert r.json()["members"] == ["cnn", "bigru"]
+    assert r.json()["members"] == ["cnn", "bigru", "logreg"]
     assert served.http.get("/labels").json() == {"labels": LABELS}
 
 
