@@ -142,3 +142,56 @@ def test_cv_with_logreg_runs_without_ray_train(ray_session, tmp_path):
     oof = pd.read_parquet(run / "oof.parquet")
     assert "synthetic:1001" not in set(oof["speaker"]) and np.allclose(oof.filter(like="prob_").sum(1), 1, atol=1e-4)
     assert not list(run.glob("checkpoint_*"))  # no Ray Train run behind it
+
+
+def _normalised_bundle(directory):
+    """A one-member bundle whose logreg was fitted on per-speaker standardised functionals."""
+    from ser_ray.ensemble.bundle import Bundle, Member, save_bundle
+    from ser_ray.features.speaker_norm import standardise_group
+
+    fc = FeatureConfig(kind="functionals", window_s=1.0, n_mels=16, n_mfcc=8, n_fft=512, hop_length=160)
+    extractor = FeatureExtractor(fc)
+    feats, labels, speakers = [], [], []
+    for speaker, level in enumerate((0.05, 0.2, 0.6)):  # three "speakers" at very different loudness
+        waves = np.stack([voice(1.0, f0=f0, level=level, seed=seed) for f0 in (120.0, 240.0) for seed in range(4)])
+        feats.append(standardise_group(extractor(waves)))
+        labels += [0] * 4 + [1] * 4
+        speakers += [speaker] * 8
+    model = build_model("logreg", 2, fc, C=0.1)
+    model.fit_arrays(np.concatenate(feats), np.array(labels), np.array(speakers))
+    bundle = Bundle(["low", "high"], [Member("logreg", model.eval(), fc)], window_s=1.0, normalise_by="speaker")
+    save_bundle(bundle, str(directory))
+    return str(directory)
+
+
+def test_file_normalisation_labels_a_recording_with_its_own_statistics(tmp_path):
+    """A bundle trained on speaker-normalised features: annotation standardises each recording over its
+    own speech windows, so the same recording 10x louder gets the same labels and probabilities; modes
+    the members were not trained for are refused instead of labelling silently wrong."""
+    import soundfile as sf
+
+    from ser_ray.annotate import AnnotateConfig, annotate_file
+    from ser_ray.ensemble.bundle import load_bundle
+
+    bundle = load_bundle(_normalised_bundle(tmp_path / "bundle"))
+    assert bundle.normalise_by == "speaker"
+    recording = np.concatenate([voice(3.0, 120.0, 0.1, seed=1), voice(3.0, 240.0, 0.1, seed=2)])
+    sf.write(tmp_path / "quiet.wav", recording, SR)
+    sf.write(tmp_path / "loud.wav", recording * 8, SR)
+    config = AnnotateConfig(window_s=1.0, hop_s=1.0, vad="none")
+    quiet_row, quiet = annotate_file(str(tmp_path / "quiet.wav"), bundle.predict_proba, config)
+    loud_row, loud = annotate_file(str(tmp_path / "loud.wav"), bundle.predict_proba, config)
+    assert quiet_row["normalise_by"] == "file" and quiet_row["status"] == "ok" and len(quiet) == 6
+    assert [s["label"] for s in quiet] == ["low"] * 3 + ["high"] * 3  # the pitch contrast inside the recording
+    np.testing.assert_allclose([s["prob_high"] for s in quiet], [s["prob_high"] for s in loud], atol=0.02)
+    # the windows are labelled as one group: the same as the bundle on all of them at once
+    waves = np.stack([recording[i * SR:(i + 1) * SR] for i in range(6)])
+    np.testing.assert_allclose([s["prob_high"] for s in quiet], bundle.predict_proba_group(waves)[:, 1], atol=1e-5)
+    with pytest.raises(ValueError, match="speaker-normalised"):
+        bundle.predict_proba(waves)  # one window at a time would be silently wrong
+    with pytest.raises(ValueError, match="normalise_by 'none' does not fit"):
+        annotate_file(str(tmp_path / "quiet.wav"), bundle.predict_proba, AnnotateConfig(normalise_by="none"))
+    from ser_ray.serve.app import _member_names
+
+    with pytest.raises(ValueError, match="offline"):
+        _member_names(str(tmp_path / "bundle"))

@@ -20,6 +20,9 @@ def add_arguments(parser, command_name: str = "annotate") -> None:
     parser.add_argument("--hop-s", type=float, default=AnnotateConfig.hop_s)
     parser.add_argument("--vad", choices=["energy", "silero", "none"], default=AnnotateConfig.vad)
     parser.add_argument("--vad-threshold-db", type=float, default=AnnotateConfig.vad_threshold_db)
+    parser.add_argument("--normalise-by", choices=["auto", "none", "file"], default=AnnotateConfig.normalise_by,
+                        help="file: standardise features over each recording's own speech windows, for bundles "
+                             "trained with normalise_by: speaker (offline only); auto: what the bundle was trained with")
     parser.add_argument("--batch-files", type=int, default=16, help="files per committed output part")
     parser.add_argument("--num-actors", type=int, default=None, help="annotation actors (default: one per CPU)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -29,7 +32,8 @@ def add_arguments(parser, command_name: str = "annotate") -> None:
 
 def run(args) -> int:
     config = AnnotateConfig(
-        window_s=args.window_s, hop_s=args.hop_s, vad=args.vad, vad_threshold_db=args.vad_threshold_db
+        window_s=args.window_s, hop_s=args.hop_s, vad=args.vad, vad_threshold_db=args.vad_threshold_db,
+        normalise_by=args.normalise_by,
     )
     if args.endpoint:
         from ser_ray.serve.client import annotate_via_endpoint  # written with the Serve app

@@ -1,7 +1,7 @@
 """``annotate_file``: the one per-file annotation function (offline Ray Data actors and Serve call it).
 
 A file becomes one ``files`` row (uri, status, error, duration, dominant label, per-label mean
-probabilities, segment counts) and one ``segments`` row per speech window. Bad input never raises:
+probabilities, segment counts, the feature normalisation used) and one ``segments`` row per speech window. Bad input never raises:
 it becomes a ``files`` row with ``status="error"`` and a message saying what is wrong.
 """
 
@@ -23,6 +23,7 @@ from ser_ray.audio.decode import AudioError
 log = logging.getLogger(__name__)
 
 PredictProba = Callable[[np.ndarray], np.ndarray]  # windows [N, samples] at 16 kHz -> probs [N, L]
+NORMALISE_BY = ("auto", "none", "file")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +36,13 @@ class AnnotateConfig:
     max_file_mb: float = 4096.0  # larger inputs get an error row instead of being read
     sample_rate: int = 16_000
     labels: tuple[str, ...] = ()  # empty: taken from ``predict_proba.__self__.labels`` (a Bundle)
+    # none | file | auto: file standardises each member's features over the recording's own speech
+    # windows (for bundles trained with normalise_by: speaker); auto follows the bundle
+    normalise_by: str = "auto"
 
     def __post_init__(self):
+        if self.normalise_by not in NORMALISE_BY:
+            raise ValueError(f"normalise_by {self.normalise_by!r}: choose one of {list(NORMALISE_BY)}")
         if self.window_s <= 0 or self.hop_s <= 0:
             raise ValueError(f"window_s and hop_s must be positive, got {self.window_s}, {self.hop_s}")
         if self.vad not in METHODS:
@@ -57,11 +63,25 @@ def _labels(predict_proba: PredictProba, config: AnnotateConfig) -> list[str]:
     raise ValueError("annotate_file needs the labels: set AnnotateConfig(labels=...) or pass Bundle.predict_proba")
 
 
+def resolve_normalisation(config: AnnotateConfig, bundle) -> AnnotateConfig:
+    """``config`` with ``normalise_by`` settled for ``bundle`` (``auto``: what its members were trained
+    with); a mode the members were not trained for is refused, since it would label silently wrong."""
+    trained = getattr(bundle, "normalise_by", "none")
+    wanted = config.normalise_by
+    if wanted == "auto":
+        wanted = "none" if trained == "none" else "file"
+    if (wanted == "file") != (trained != "none"):
+        raise ValueError(
+            f"normalise_by {wanted!r} does not fit this bundle: its members were trained with normalise_by "
+            f"{trained!r}; use " + ("'file'" if trained != "none" else "'none'") + " (or 'auto')")
+    return dataclasses.replace(config, normalise_by=wanted)
+
+
 def file_row(uri: str, labels: Sequence[str], **values) -> dict:
     """A ``files`` row with every column present (None/NaN where unknown), in a fixed order."""
     row = {"uri": uri, "status": "ok", "error": None, "duration_s": float("nan"), "label": None}
     row.update({f"prob_{label}": float("nan") for label in labels})
-    row.update({"n_segments": 0, "n_windows": 0})
+    row.update({"n_segments": 0, "n_windows": 0, "normalise_by": None})
     row.update(values)
     return row
 
@@ -69,6 +89,7 @@ def file_row(uri: str, labels: Sequence[str], **values) -> dict:
 def annotate_file(uri: str, predict_proba: PredictProba, config: AnnotateConfig = AnnotateConfig()) -> tuple[dict, list[dict]]:
     """``(file_row, segment_rows)`` for one local path or ``s3://`` URI; never raises for bad input."""
     labels = _labels(predict_proba, config)
+    config = resolve_normalisation(config, getattr(predict_proba, "__self__", None))
     try:
         return _annotate(uri, predict_proba, config, labels)
     except AudioError as exc:
@@ -95,18 +116,33 @@ def _annotate(uri: str, predict_proba: PredictProba, config: AnnotateConfig, lab
     prob_sum = np.zeros(len(labels), dtype=np.float64)
     n_windows, last_end = 0, 0.0
     pending: list[tuple[float, float, np.ndarray]] = []
+    by_file = config.normalise_by == "file"
+    bundle = getattr(predict_proba, "__self__", None)
+    if by_file and not hasattr(bundle, "features"):
+        raise ValueError("normalise_by 'file' needs Bundle.predict_proba (the features of every window first)")
+    # file mode: features of every speech window, labelled once the recording's statistics are known
+    held: list[tuple[float, float]] = []
+    held_features: list[dict] = []
 
-    def flush():
+    def emit(spans, probs):
         nonlocal prob_sum
-        probs = np.asarray(predict_proba(np.stack([w for _, _, w in pending])), dtype=np.float64)
-        if probs.shape != (len(pending), len(labels)):
-            raise ValueError(f"predict_proba returned shape {probs.shape}, expected {(len(pending), len(labels))}")
+        probs = np.asarray(probs, dtype=np.float64)
+        if probs.shape != (len(spans), len(labels)):
+            raise ValueError(f"predict_proba returned shape {probs.shape}, expected {(len(spans), len(labels))}")
         prob_sum += probs.sum(axis=0)
-        for (start, end, _), p in zip(pending, probs):
+        for (start, end), p in zip(spans, probs):
             k = int(p.argmax())
             seg = {"uri": uri, "start_s": round(start, 6), "end_s": round(end, 6), "label": labels[k], "confidence": float(p[k])}
             seg.update({f"prob_{label}": float(v) for label, v in zip(labels, p)})
             segments.append(seg)
+
+    def flush():
+        waves = np.stack([w for _, _, w in pending])
+        if by_file:
+            held.extend((start, end) for start, end, _ in pending)
+            held_features.append(bundle.features(waves))
+        else:
+            emit([(start, end) for start, end, _ in pending], predict_proba(waves))
         pending.clear()
 
     with local_copy(uri) as path:
@@ -127,13 +163,16 @@ def _annotate(uri: str, predict_proba: PredictProba, config: AnnotateConfig, lab
                 raise AudioError(f"{name}: could not decode audio (soundfile: {exc})") from None
             if pending:
                 flush()
+    if held:
+        features = {key: np.concatenate([part[key] for part in held_features]) for key in held_features[0]}
+        emit(held, bundle.proba_from_features(features, standardise=True))
     if n_windows == 0:
         raise AudioError(f"{name}: no audio could be read")
     n = len(segments)
     # the end of the last window is the end of the audio actually read (a truncated file's header
     # can claim more)
     duration = min(info.duration_s, last_end) if config.hop_s <= config.window_s else info.duration_s
-    values = dict(duration_s=float(duration), n_segments=n, n_windows=n_windows)
+    values = dict(duration_s=float(duration), n_segments=n, n_windows=n_windows, normalise_by=config.normalise_by)
     if n:
         mean = prob_sum / n
         values["label"] = labels[int(mean.argmax())]

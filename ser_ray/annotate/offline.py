@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import time
+import types
 
 import numpy as np
 
@@ -62,11 +63,18 @@ def annotate_archive(
     import ray
     from ray.data import ActorPoolStrategy
 
+    from ser_ray.annotate.core import resolve_normalisation
+    from ser_ray.ensemble.bundle import read_bundle_json
+
+    # settle normalise_by before any work: a mode the bundle was not trained for is refused here
+    config = resolve_normalisation(
+        config, types.SimpleNamespace(normalise_by=read_bundle_json(bundle_uri).get("normalise_by", "none")))
     writer = ResultWriter(output_uri, fmt)
     uris = list_archive(input_uri, output_uri)
     done = writer.done_uris()
     todo = [u for u in uris if u not in done]
-    summary = {"n_files": len(uris), "n_skipped": len(uris) - len(todo), "n_processed": 0, "n_ok": 0,
+    summary = {"n_files": len(uris), "normalise_by": config.normalise_by,
+               "n_skipped": len(uris) - len(todo), "n_processed": 0, "n_ok": 0,
                "n_error": 0, "audio_s": 0.0, "wall_s": 0.0, "batches": []}
     log.info("%s: %d files, %d already annotated, %d to do", input_uri, len(uris), summary["n_skipped"], len(todo))
     if not todo:

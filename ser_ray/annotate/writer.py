@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("parquet", "csv")
 _PART = re.compile(r"^part-(\d+)\.(parquet|csv)$")
-_STRING_COLUMNS = ("uri", "status", "error", "label")
+_STRING_COLUMNS = ("uri", "status", "error", "label", "normalise_by")
 _INT_COLUMNS = ("n_segments", "n_windows", "batch")
 
 

@@ -79,8 +79,13 @@ class Bundle:
     created: str = ""
     version: str = __version__
     device: str = "cpu"
+    # none | speaker: the members were trained on features standardised per speaker; such a bundle
+    # labels a group of windows together (one recording: ``predict_proba_group``), never one alone
+    normalise_by: str = "none"
 
     def __post_init__(self):
+        if self.normalise_by not in ("none", "speaker"):
+            raise ValueError(f"bundle normalise_by {self.normalise_by!r}: choose none or speaker")
         self.labels = list(self.labels)
         if not self.members:
             raise ValueError("a bundle needs at least one member")
@@ -148,15 +153,49 @@ class Bundle:
         """Ensemble probabilities ``[N, L]`` for windows ``[N, samples]`` at 16 kHz.
 
         Members with the same feature config (cnn and bigru_attn by default) share one extraction:
-        the same features ``member_logits`` would compute, once.
+        the same features ``member_logits`` would compute, once. A bundle trained on speaker-normalised
+        features refuses: its windows need their group's statistics (``predict_proba_group``).
         """
+        if self.normalise_by != "none":
+            raise ValueError("this bundle's members were trained on speaker-normalised features: label a whole "
+                             "recording (or speaker) at once with predict_proba_group / normalise_by: file")
+        return self.proba_from_features(self.features(waves))
+
+    @torch.inference_mode()
+    def features(self, waves: np.ndarray) -> dict:
+        """Every member's input features for windows ``[N, samples]``: ``{FeatureConfig: [N, C, F] array}``
+        (one entry per distinct feature config)."""
         shared: dict = {}
-        logits = []
         for i, member in enumerate(self.members):
             if member.feature_config not in shared:
-                shared[member.feature_config] = self._features(i, waves)
-            logits.append(self._logits(i, shared[member.feature_config]))
-        return self.combine(logits)
+                chunks = self._features(i, waves)
+                shared[member.feature_config] = (torch.cat(chunks).cpu().numpy() if chunks else
+                                                 np.zeros((0, *member.feature_config.shape), np.float32))
+        return shared
+
+    @torch.inference_mode()
+    def logits_from_features(self, features: dict, *, standardise: bool = False) -> list[np.ndarray]:
+        """Every member's raw logits ``[N, L]`` from ``features()`` output; ``standardise`` first
+        standardises each feature config over all ``N`` windows as one group."""
+        from ser_ray.features.speaker_norm import standardise_group
+
+        logits = []
+        for i, member in enumerate(self.members):
+            x = features[member.feature_config]
+            if standardise and len(x):
+                x = standardise_group(x)
+            chunks = [torch.as_tensor(x[s : s + _CHUNK], device=self.device) for s in range(0, len(x), _CHUNK)]
+            logits.append(self._logits(i, chunks))
+        return logits
+
+    def proba_from_features(self, features: dict, *, standardise: bool = False) -> np.ndarray:
+        """Probabilities ``[N, L]`` from ``features()`` output (see ``logits_from_features``)."""
+        return self.combine(self.logits_from_features(features, standardise=standardise))
+
+    def predict_proba_group(self, waves: np.ndarray) -> np.ndarray:
+        """Probabilities for windows that form one group (a recording, a speaker): with a bundle trained on
+        speaker-normalised features each member's features are standardised over the group first."""
+        return self.proba_from_features(self.features(waves), standardise=self.normalise_by != "none")
 
     def to(self, device: str) -> "Bundle":
         self.device = str(device)
@@ -184,6 +223,7 @@ class Bundle:
                 for m in self.members
             ],
             "data_summary": self.data_summary,
+            "normalise_by": self.normalise_by,
             "ser_ray_version": self.version,
             "created": self.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -285,6 +325,7 @@ def load_bundle(uri: str, device: str = "cpu") -> Bundle:
         created=desc.get("created", ""),
         version=desc.get("ser_ray_version", "unknown"),
         device=str(device),
+        normalise_by=desc.get("normalise_by", "none"),
     )
 
 

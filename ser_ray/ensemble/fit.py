@@ -105,17 +105,29 @@ def scores(probs: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> dict:
     }
 
 
-def member_logits_all(bundle: Bundle, waves: np.ndarray, batch: int = 64) -> list[np.ndarray]:
+def member_logits_all(bundle: Bundle, waves: np.ndarray, batch: int = 64, groups=None) -> list[np.ndarray]:
+    """Every member's logits for ``waves``; a bundle trained on speaker-normalised features
+    standardises each group of ``groups`` (the speaker of each window) with its own statistics."""
+    if bundle.normalise_by != "none":
+        if groups is None:
+            raise ValueError("a bundle trained on speaker-normalised features needs each window's speaker")
+        groups = np.asarray(groups).astype(str)
+        out = [np.zeros((len(waves), len(bundle.labels)), np.float32) for _ in bundle.members]
+        for group in np.unique(groups):
+            idx = np.flatnonzero(groups == group)
+            for k, lg in enumerate(bundle.logits_from_features(bundle.features(waves[idx]), standardise=True)):
+                out[k][idx] = lg
+        return out
     return [
         np.concatenate([bundle.member_logits(i, waves[s : s + batch]) for s in range(0, max(len(waves), 1), batch)])
         for i in range(len(bundle.members))
     ]
 
 
-def fit_ensemble(bundle: Bundle, val_waves: np.ndarray, val_y: np.ndarray) -> dict:
+def fit_ensemble(bundle: Bundle, val_waves: np.ndarray, val_y: np.ndarray, groups=None) -> dict:
     """Set every member's temperature and weight in place from validation data; returns the
     validation report (members before/after calibration and the ensemble)."""
-    logits = member_logits_all(bundle, val_waves)
+    logits = member_logits_all(bundle, val_waves, groups=groups)
     report = {"members": {}}
     for m, lg in zip(bundle.members, logits):
         raw = scores(softmax(lg, axis=1), val_y, bundle.labels)
@@ -133,9 +145,9 @@ def fit_ensemble(bundle: Bundle, val_waves: np.ndarray, val_y: np.ndarray) -> di
     return report
 
 
-def evaluate_bundle(bundle: Bundle, waves: np.ndarray, y: np.ndarray) -> dict:
+def evaluate_bundle(bundle: Bundle, waves: np.ndarray, y: np.ndarray, groups=None) -> dict:
     """Members (calibrated) and the ensemble on held-out data."""
-    logits = member_logits_all(bundle, waves)
+    logits = member_logits_all(bundle, waves, groups=groups)
     out = {
         "members": {
             m.name: scores(softmax(lg / m.temperature, axis=1), y, bundle.labels)
@@ -156,12 +168,17 @@ def resolve_model_dir(path: str) -> str:
 
 
 def members_from_dirs(model_dirs: Sequence[str], device: str = "cpu") -> tuple[list[Member], list[str]]:
-    """Load each model dir as a member (weight 1, temperature 1); all must share labels."""
+    """Load each model dir as a member (weight 1, temperature 1); all must share labels and input
+    normalisation (see :func:`normalisation_of`)."""
     from ser_ray.models import load_model
 
-    members, labels = [], None
+    members, labels, modes = [], None, set()
     for path in model_dirs:
         model, meta = load_model(resolve_model_dir(path), map_location=device)
+        modes.add(meta.extra.get("normalise_by", "none"))
+        if len(modes) > 1:
+            raise ValueError(f"{path}: trained with normalise_by {meta.extra.get('normalise_by', 'none')!r}, unlike "
+                             "the models before it; a bundle's members must share their input normalisation")
         if labels is None:
             labels = list(meta.labels)
         elif list(meta.labels) != labels:
@@ -174,6 +191,13 @@ def members_from_dirs(model_dirs: Sequence[str], device: str = "cpu") -> tuple[l
     if not members:
         raise ValueError("no model directories given")
     return members, labels
+
+
+def normalisation_of(model_dir: str) -> str:
+    """How a saved model's inputs were normalised in training: ``none`` or ``speaker``."""
+    from ser_ray.models import read_model_meta
+
+    return read_model_meta(resolve_model_dir(model_dir)).extra.get("normalise_by", "none")
 
 
 def fit_bundle_from_dirs(
@@ -191,21 +215,23 @@ def fit_bundle_from_dirs(
     """
     members, labels = members_from_dirs(model_dirs, device)
     fc = members[0].feature_config
+    normalise_by = normalisation_of(model_dirs[0])
     bundle = Bundle(labels, members, sample_rate=fc.sample_rate, window_s=fc.window_s,
-                    data_summary=dict(data_summary or {}), device=device)
+                    data_summary=dict(data_summary or {}), device=device, normalise_by=normalise_by)
 
     def prepare(df):
         df = df[df["emotion"].isin(labels)]
-        return windows_from_frame(df, bundle.sample_rate, bundle.window_s), label_ids(df["emotion"], labels)
+        groups = df["speaker"].to_numpy() if "speaker" in df else None
+        return windows_from_frame(df, bundle.sample_rate, bundle.window_s), label_ids(df["emotion"], labels), groups
 
-    val_w, val_y = prepare(val_df)
+    val_w, val_y, val_g = prepare(val_df)
     if len(val_y) == 0:
         raise ValueError(f"no validation rows with labels in {labels}")
     log.info("fitting temperatures and weights of %d members on %d validation windows", len(members), len(val_y))
-    report = {"labels": labels, "validation": fit_ensemble(bundle, val_w, val_y)}
+    report = {"labels": labels, "normalise_by": normalise_by, "validation": fit_ensemble(bundle, val_w, val_y, val_g)}
     if test_df is not None and len(test_df):
-        test_w, test_y = prepare(test_df)
-        report["test"] = evaluate_bundle(bundle, test_w, test_y)
+        test_w, test_y, test_g = prepare(test_df)
+        report["test"] = evaluate_bundle(bundle, test_w, test_y, test_g)
         for m in bundle.members:
             m.metrics["test"] = report["test"]["members"][m.name]
     bundle.data_summary.setdefault("n_validation", int(len(val_y)))

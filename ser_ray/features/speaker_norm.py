@@ -7,8 +7,11 @@ every feature row with the mean and std of the whole speaker keeps the within-sp
 
 The statistics of a test speaker come from that speaker's clips without their labels: transductive
 speaker adaptation, as in the SER literature's "speaker normalisation". It needs all of a speaker's
-clips up front, so it is not available to tuning, bundles, Serve or annotation (unknown speakers,
-one file at a time), and a result directory records it (``speaker_norm`` in its summary).
+clips up front; a result directory records it (``normalise_by`` in its summary), and a model
+trained on it records it in ``model.json`` (``extra.normalise_by``). A bundle of such models is
+run by offline annotation with ``normalise_by: file``: each recording's windows are standardised
+with that recording's own statistics (the same :func:`standardise_group`), the closest thing to a
+speaker's clips that an archive of unknown speakers offers.
 """
 
 from __future__ import annotations
@@ -17,6 +20,16 @@ import numpy as np
 import pandas as pd
 
 EPS = 1e-5
+
+
+def standardise_group(stack: np.ndarray) -> np.ndarray:
+    """Features ``[N, C, F]`` of one group (a speaker's clips, a recording's windows) with every row
+    ``C`` standardised over the whole group (all its clips and frames): the one normalisation that
+    training (``normalise_by: speaker``) and annotation (``normalise_by: file``) share."""
+    stack = np.asarray(stack, dtype=np.float32)
+    mean = stack.mean(axis=(0, 2), keepdims=True)
+    std = np.maximum(stack.std(axis=(0, 2), keepdims=True), EPS)
+    return (stack - mean) / std
 
 
 def speaker_normalise(rows: pd.DataFrame) -> pd.DataFrame:
@@ -33,10 +46,7 @@ def speaker_normalise(rows: pd.DataFrame) -> pd.DataFrame:
     features = rows["features"].to_numpy(copy=True)  # object array of [C, F] arrays
     for speaker in np.unique(speakers[ok]):
         idx = np.flatnonzero(ok & (speakers == speaker))
-        stack = np.stack(features[idx]).astype(np.float32, copy=False)  # [n, C, F]
-        mean = stack.mean(axis=(0, 2), keepdims=True)
-        std = np.maximum(stack.std(axis=(0, 2), keepdims=True), EPS)
-        for i, clip in zip(idx, (stack - mean) / std):
+        for i, clip in zip(idx, standardise_group(np.stack(features[idx]))):
             features[i] = clip
     out = rows.copy()
     out["features"] = features

@@ -404,7 +404,13 @@ def _member_names(bundle_uri: str) -> list[str]:
     from ser_ray.ensemble.bundle import read_bundle_json
 
     # bundle.json only: the driver needs the member names, not the models
-    return [m["name"] for m in read_bundle_json(bundle_uri)["members"]]
+    desc = read_bundle_json(bundle_uri)
+    if desc.get("normalise_by", "none") != "none":
+        # members batch windows of many requests together: there is no per-recording group to standardise
+        raise ValueError(f"{bundle_uri}: its members were trained on speaker-normalised features, which the "
+                         "endpoint does not serve yet; label archives with it offline: "
+                         "`ser-ray annotate --bundle ... --normalise-by file`")
+    return [m["name"] for m in desc["members"]]
 
 
 def _deployment_name(name: str) -> str:

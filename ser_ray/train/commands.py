@@ -29,7 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--manifest", help="a manifest file instead of --corpus/--root")
         if command == "compare":
             parser.add_argument("--families", required=True,
-                                help=f"comma-separated model families, e.g. cnn,bigru_attn (of {', '.join(sorted(MODELS))})")
+                                help="comma-separated model families, each optionally with hyperparameters as "
+                                     "FAMILY:key=value (several joined by '+'), e.g. logreg,svm:kernel=rbf,cnn "
+                                     f"(of {', '.join(sorted(MODELS))})")
+            parser.add_argument("--ensemble", action="store_true",
+                                help="also score a per-fold ensemble of the families (weights and temperatures "
+                                     "fitted on each fold's validation speakers)")
         else:
             parser.add_argument("--family", choices=sorted(MODELS), help="model family (see ser_ray/models)")
         parser.add_argument("--protocol", choices=PROTOCOLS, help="speaker-disjoint split protocol")
@@ -116,12 +121,12 @@ def run(args) -> int:
         from ser_ray.train.compare import comparison_markdown, run_compare
 
         config = _cv_config(args)
-        families = [f.strip() for f in args.families.split(",") if f.strip()]
-        unknown = sorted(set(families) - set(MODELS))
+        families = [f.strip().replace("+", ",") for f in args.families.split(",") if f.strip()]
+        unknown = sorted({f.split(":")[0] for f in families} - set(MODELS))
         if unknown or not families:
             raise SystemExit(f"--families {args.families!r}: unknown {unknown}; choose from {sorted(MODELS)}")
         _init_ray(args.address)
-        table = run_compare(config, families, args.out, max_folds=args.max_folds)
+        table = run_compare(config, families, args.out, max_folds=args.max_folds, ensemble=args.ensemble)
         print(comparison_markdown(table, config))
         return 0
     elif args.test_corpus or args.test_root:

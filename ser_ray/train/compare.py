@@ -78,32 +78,66 @@ def model_costs(result_dir: str | Path, summary: dict) -> dict:
     }
 
 
-def run_compare(config: TrainConfig, families: list[str], out: str | Path, *, max_folds: int | None = None,
-                hparams: dict[str, dict] | None = None) -> pd.DataFrame:
-    """Cross-validate each of ``families`` like ``config`` into ``out/<family>``; write and return the table.
+def parse_family_spec(spec: str) -> tuple[str, str, dict]:
+    """``svm:kernel=rbf,C=0.1`` -> ``("svm-kernel=rbf-C=0.1", "svm", {"kernel": "rbf", "C": 0.1})``.
 
-    ``hparams`` maps a family to its hyperparameters (default: the family's defaults). A rerun
-    reuses finished folds (see ``run_cv``).
+    A plain family name gives itself and no hyperparameters; values are parsed as YAML.
+    """
+    import yaml
+
+    family, _, rest = spec.strip().partition(":")
+    hparams = {}
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        if "=" not in item:
+            raise ValueError(f"family spec {spec!r}: expected FAMILY:key=value[,key=value], e.g. svm:kernel=rbf")
+        key, value = item.split("=", 1)
+        hparams[key.strip()] = yaml.safe_load(value)
+    name = "-".join([family] + [f"{k}={v}" for k, v in hparams.items()])
+    return name, family, hparams
+
+
+def run_compare(config: TrainConfig, families: list[str], out: str | Path, *, max_folds: int | None = None,
+                hparams: dict[str, dict] | None = None, ensemble: bool = False) -> pd.DataFrame:
+    """Cross-validate each of ``families`` like ``config`` into ``out/<name>``; write and return the table.
+
+    An entry of ``families`` is a family name or ``FAMILY:key=value,...`` (its hyperparameters, e.g.
+    ``svm:kernel=rbf``); ``hparams`` maps a name to hyperparameters too (default: the family's
+    defaults). With ``ensemble``, each fold's members are combined into a per-fold ensemble (weights
+    and temperatures fitted on that fold's validation speakers, see :func:`fold_ensembles`) and the
+    table gets an ``ensemble`` row. A rerun reuses finished folds (see ``run_cv``).
     """
     from ser_ray.models import MODELS
     from ser_ray.train.cv import run_cv
 
-    unknown = [f for f in families if f not in MODELS]
-    if unknown or not families:
+    entries = [parse_family_spec(f) for f in families]
+    unknown = [family for _, family, _ in entries if family not in MODELS]
+    if unknown or not entries:
         raise ValueError(f"families {unknown or families}: choose one or more of {sorted(MODELS)}")
+    if len({name for name, _, _ in entries}) < len(entries):
+        raise ValueError(f"families {families}: each entry must be different")
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     # one cache root: families that read the same features share one cache
     data = dataclasses.replace(config.data, cache_root=config.data.cache_root or str(out / "cache"))
-    rows = []
-    for i, family in enumerate(families):
-        log.info("compare: family %d/%d %s", i + 1, len(families), family)
-        cfg = dataclasses.replace(family_config(config, family, (hparams or {}).get(family)), data=data)
-        summary = run_cv(cfg, out / family, max_folds=max_folds)
-        row = {"family": family}
+    rows, summaries = [], {}
+    for i, (name, family, spec_hparams) in enumerate(entries):
+        log.info("compare: family %d/%d %s", i + 1, len(entries), name)
+        hp = {**((hparams or {}).get(name) or {}), **spec_hparams} or None
+        cfg = dataclasses.replace(family_config(config, family, hp), data=data)
+        summaries[name] = summary = run_cv(cfg, out / name, max_folds=max_folds)
+        row = {"family": name}
         for key in METRICS:
             row[f"{key}_mean"], row[f"{key}_std"] = summary[key]["mean"], summary[key]["std"]
-        row.update(model_costs(out / family, summary), folds=len(summary["folds_run"]), result_dir=str(out / family))
+        row.update(model_costs(out / name, summary), folds=len(summary["folds_run"]), result_dir=str(out / name))
+        rows.append(row)
+    if ensemble:
+        result = fold_ensembles(out, list(summaries), summaries[entries[0][0]]["labels"])
+        row = {"family": "ensemble"}
+        for key in METRICS:
+            row[f"{key}_mean"], row[f"{key}_std"] = result[key]["mean"], result[key]["std"]
+        row.update(params=sum(r["params"] or 0 for r in rows), train_s_per_epoch=float("nan"),
+                   infer_ms_per_clip=sum(r["infer_ms_per_clip"] for r in rows), folds=len(result["folds"]),
+                   result_dir=str(out / "ensemble"))
         rows.append(row)
     table = pd.DataFrame(rows)
     table.to_csv(out / "comparison.csv", index=False)
@@ -114,6 +148,71 @@ def run_compare(config: TrainConfig, families: list[str], out: str | Path, *, ma
                     + f", {int(table['folds'].max())} fold(s)")
     log.info("compare: %d families -> %s", len(table), out / "comparison.csv")
     return table
+
+
+def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
+    """Per fold, an ensemble of the members ``out/<name>/fold_<i>``; written to ``out/ensemble/``.
+
+    On each fold's validation speakers (``val_predictions.parquet``: predictions from models that did
+    not train on them) one temperature per member, then simplex weights, are fitted by likelihood,
+    exactly as ``ser-ray ensemble`` fits a bundle; the weighted mixture is then scored on the fold's
+    test speakers. Folds every member finished are used. Returns the summary (``summary.json``).
+    """
+    from ser_ray.ensemble.fit import fit_temperature, fit_weights, label_ids
+    from ser_ray.train.metrics import classification_metrics, summarize_folds
+
+    ens_dir = out / "ensemble"
+    ens_dir.mkdir(parents=True, exist_ok=True)
+    prob_cols = [f"prob_{label}" for label in labels]
+    fold_sets = [{int(p.parent.name.split("_")[1]) for p in (out / n).glob("fold_*/val_predictions.parquet")}
+                 for n in names]
+    folds = sorted(set.intersection(*fold_sets)) if fold_sets else []
+    if not folds:
+        raise ValueError(f"no fold has validation predictions from every member of {names}")
+    per_fold = []
+    for fold in folds:
+        val, test = [], []
+        for name in names:
+            d = out / name / f"fold_{fold}"
+            val.append(pd.read_parquet(d / "val_predictions.parquet").set_index("path"))
+            test.append(pd.read_parquet(d / "predictions.parquet").set_index("path"))
+        val_paths = sorted(set.intersection(*(set(v.index) for v in val)))
+        test_paths = list(test[0].index[test[0].index.isin(set.intersection(*(set(t.index) for t in test)))])
+        y_val = label_ids(val[0].loc[val_paths, "true"], labels)
+        y_test = label_ids(test[0].loc[test_paths, "true"], labels)
+        temps, val_probs, test_probs = [], [], []
+        for v, t in zip(val, test):
+            logv = np.log(np.clip(v.loc[val_paths, prob_cols].to_numpy(np.float64), 1e-12, None))
+            temp = fit_temperature(logv, y_val)
+            temps.append(temp)
+            val_probs.append(_softmax(logv / temp))
+            test_probs.append(_softmax(np.log(np.clip(t.loc[test_paths, prob_cols].to_numpy(np.float64), 1e-12, None)) / temp))
+        weights = fit_weights(val_probs, y_val)
+        mix = np.tensordot(weights, np.stack(test_probs), axes=1)
+        metrics = classification_metrics(y_test, mix.argmax(1), labels)
+        metrics.update(fold=fold, weights=dict(zip(names, map(float, weights))), temperatures=dict(zip(names, temps)),
+                       members={n: classification_metrics(y_test, p.argmax(1), labels)["ua"]
+                                for n, p in zip(names, test_probs)},
+                       n_val=len(val_paths), n_test=len(test_paths),
+                       test_speakers=sorted(test[0].loc[test_paths, "speaker"].astype(str).unique())
+                       if "speaker" in test[0] else [])
+        per_fold.append(metrics)
+        log.info("fold %d ensemble: test UA %.3f (members %s; weights %s)", fold, metrics["ua"],
+                 ", ".join(f"{n} {u:.3f}" for n, u in metrics["members"].items()),
+                 ", ".join(f"{n} {w:.2f}" for n, w in metrics["weights"].items()))
+    summary = {**summarize_folds(per_fold), "members": names, "labels": labels, "folds": folds,
+               "per_fold": [{k: m[k] for k in ("fold", "ua", "wa", "macro_f1", "members", "weights", "temperatures",
+                                               "n_val", "n_test", "test_speakers")} for m in per_fold]}
+    (ens_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    log.info("per-fold ensemble of %s over %d fold(s): UA %.3f ± %.3f", ", ".join(names), len(folds),
+             summary["ua"]["mean"], summary["ua"]["std"])
+    return summary
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def comparison_markdown(table: pd.DataFrame, config: TrainConfig) -> str:
@@ -130,10 +229,13 @@ def comparison_markdown(table: pd.DataFrame, config: TrainConfig) -> str:
     ]
     for row in table.to_dict("records"):
         cells = [row["family"], *(f"{row[f'{k}_mean']:.3f} ± {row[f'{k}_std']:.3f}" for k in METRICS),
-                 f"{row['params']:,}", f"{row['train_s_per_epoch']:.2f}", f"{row['infer_ms_per_clip']:.3f}",
-                 str(row["folds"])]
+                 f"{int(row['params']):,}", "–" if np.isnan(row["train_s_per_epoch"]) else f"{row['train_s_per_epoch']:.2f}",
+                 f"{row['infer_ms_per_clip']:.3f}", str(row["folds"])]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Mean ± population std over folds; inference timed on CPU over each fold's test clips.", ""]
+    lines += ["", "Mean ± population std over folds; inference timed on CPU over each fold's test clips."
+              + (" The ensemble row: per fold, the members' temperatures and weights fitted on that fold's "
+                 "validation speakers (out/ensemble/summary.json); its inference time is the members' sum."
+                 if "ensemble" in set(table["family"]) else ""), ""]
     return "\n".join(lines)
 
 

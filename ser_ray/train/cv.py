@@ -18,6 +18,7 @@ A rerun into the same directory skips folds that already have ``metrics.json``.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -175,9 +176,11 @@ def run_fold(
     )
     fold_dir.mkdir(parents=True, exist_ok=True)
     model, meta = load_model(result.best_checkpoint)
+    # the model records how its inputs were normalised, so a bundle of it annotates the same way
     save_model(str(fold_dir / "model"), model, family=meta.family, hparams=meta.hparams, labels=meta.labels,
-               feature_config=meta.feature_config, extra=meta.extra)
+               feature_config=meta.feature_config, extra={**meta.extra, "normalise_by": config.data.normalise_by})
     predictions.to_parquet(fold_dir / "predictions.parquet", index=False)
+    validation_predictions(result, val_df).to_parquet(fold_dir / "val_predictions.parquet", index=False)
     (fold_dir / "history.json").write_text(json.dumps(result.history, indent=1))
     plot_learning_curves(result.history, fold_dir / "learning_curves.png", title=f"fold {fold}")
     # metrics.json last: its presence marks the fold as done
@@ -186,6 +189,22 @@ def run_fold(
              metrics["ua"], metrics["wa"], metrics["macro_f1"], metrics["best_epoch"], metrics["epochs_run"],
              metrics["seconds"])
     return metrics
+
+
+def validation_predictions(result, val_df: pd.DataFrame) -> pd.DataFrame:
+    """Predictions for the validation speakers from models that never trained on them (what per-fold
+    ensembles fit their weights on): the selected model for a deep family (validation chose its epoch,
+    nothing more), the out-of-fold predictions of the inner cross-validation for a classical one (its
+    final model trained on those speakers too)."""
+    from ser_ray import storage
+    from ser_ray.train.classical import OOF_PREDICTIONS
+    from ser_ray.train.evaluate import predict
+
+    oof_uri = storage.join(result.path, OOF_PREDICTIONS)
+    if storage.exists(oof_uri):
+        oof = pd.read_parquet(io.BytesIO(storage.read_bytes(oof_uri)))
+        return oof[oof["path"].isin(val_df["path"])].reset_index(drop=True)
+    return predict(result.best_checkpoint, val_df)
 
 
 # -- the whole cross-validation --------------------------------------------------------------------
