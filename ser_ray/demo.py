@@ -234,7 +234,7 @@ def _split_lists(search) -> dict:
     data = search.data if isinstance(search.data, DataSpec) else DataSpec(**search.data)
     base = TrainConfig.from_dict({**search.train, "data": dataclasses.asdict(data)})
     manifest = apply_label_map(load_manifest(base), base.label_map)
-    manifest, _ = assign_folds(manifest, data.protocol, data.k, base.seed)
+    manifest, _ = assign_folds(manifest, data.protocol, data.k, base.seed, data.folds)
     parts = fold_frames(manifest, data.protocol, data.test_fold, data.val_fraction, base.seed)
     return {
         "protocol": f"{data.protocol} (speaker-disjoint 70/10/20 of actors; validation inside training speakers)",

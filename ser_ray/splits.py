@@ -46,6 +46,51 @@ def loso(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(fold=df["speaker"].map({s: i for i, s in enumerate(speakers)}).astype("int64"))
 
 
+def read_folds(path: str) -> list[list[str]]:
+    """Test speakers of each fold from a file (local or ``s3://``), in fold order.
+
+    JSON: ``[[spk, ...], ...]``, ``{"0": [spk, ...], ...}`` or ``{"folds": [{"test_speakers": [...]}, ...]}``
+    (the ``folds.json`` a cv run writes). CSV: columns ``fold`` and ``speaker``, one row per speaker.
+    """
+    import io
+    import json
+
+    from ser_ray import storage
+
+    raw = storage.read_bytes(path)
+    if str(path).lower().endswith(".csv"):
+        table = pd.read_csv(io.BytesIO(raw), dtype={"speaker": str})
+        if not {"fold", "speaker"} <= set(table.columns):
+            raise ValueError(f"{path}: a folds CSV has the columns fold and speaker")
+        return [sorted(rows["speaker"].astype(str)) for _, rows in table.groupby("fold", sort=True)]
+    data = json.loads(raw)
+    if isinstance(data, dict) and "folds" in data:
+        data = [f["test_speakers"] if isinstance(f, dict) else f for f in data["folds"]]
+    elif isinstance(data, dict):
+        data = [data[k] for k in sorted(data, key=lambda k: int(k) if str(k).isdigit() else str(k))]
+    if not isinstance(data, list) or not all(isinstance(f, list) and f for f in data):
+        raise ValueError(f"{path}: expected a list of test-speaker lists, one per fold")
+    return [[str(s) for s in f] for f in data]
+
+
+def given_folds(df: pd.DataFrame, folds: list[list[str]], where: str = "folds file") -> pd.DataFrame:
+    """Add ``fold`` from published folds (test speakers per fold); speakers in no fold get -1 (always
+    training). A listed speaker matches a manifest speaker exactly or by its id without the corpus
+    prefix (``03`` matches ``emodb:03``). Refused: a speaker in two folds, a name matching nothing."""
+    speakers = df["speaker"].astype(str)
+    bare = speakers.str.split(":").str[-1]
+    fold = pd.Series(-1, index=df.index, dtype="int64")
+    for i, names in enumerate(folds):
+        for name in names:
+            hit = (speakers == name) | (bare == name)
+            if not hit.any():
+                raise ValueError(f"{where}: fold {i} names speaker {name!r}, which is not in the manifest")
+            if (fold[hit] >= 0).any():
+                raise SpeakerLeakError(f"{where}: speaker {name!r} is a test speaker of two folds")
+            fold[hit] = i
+    return df.assign(fold=fold.to_numpy())
+
+
 def _pick_speakers(df: pd.DataFrame, fractions: list[float], seed: int) -> list[set]:
     """Disjoint speaker sets of the given fractions (at least one speaker each when > 0).
 

@@ -117,3 +117,29 @@ def test_splits_cli_writes_manifest_and_fold_lists(emodb, tmp_path):
     assert cli.main(["splits", "--manifest", manifest, "--protocol", "random", "--leaky", "--out", leaky]) == 0
     assert read_manifest(leaky)["leaky"].all()
     assert json.loads(open(leaky + ".folds.json").read())["leaky"] is True
+
+
+def test_published_folds_are_used_as_given(tmp_path):
+    """``--folds FILE``: test speakers per fold from JSON or CSV, bare ids match namespaced speakers,
+    unlisted speakers only ever train, and a speaker in two folds or a name matching nobody is refused."""
+    import json
+
+    from ser_ray.splits import SpeakerLeakError, given_folds, read_folds
+    from ser_ray.train.cv import assign_folds, fold_frames
+
+    df = pd.DataFrame({"speaker": [f"emodb:{s}" for s in ["03", "03", "08", "09", "10", "11"]], "gender": "m",
+                       "emotion": ["anger", "sadness", "anger", "sadness", "anger", "sadness"],
+                       "path": [f"/c/{i}.wav" for i in range(6)]})
+    (tmp_path / "folds.json").write_text(json.dumps([["03", "08"], ["emodb:09"]]))
+    (tmp_path / "folds.csv").write_text("fold,speaker\n0,03\n0,08\n1,09\n")
+    assert read_folds(str(tmp_path / "folds.json")) == [["03", "08"], ["emodb:09"]]
+    assert read_folds(str(tmp_path / "folds.csv")) == [["03", "08"], ["09"]]
+    out, n = assign_folds(df, "loso", 5, 0, folds=str(tmp_path / "folds.csv"))
+    assert n == 2 and out["fold"].tolist() == [0, 0, 0, 1, -1, -1]
+    train, val, test = fold_frames(out, "loso", 1, val_fraction=0.3, seed=0)
+    assert set(test["speaker"]) == {"emodb:09"} and not set(train["speaker"]) & set(val["speaker"])
+    assert {"emodb:10", "emodb:11"} <= set(train["speaker"]) | set(val["speaker"])  # never tested, always training
+    with pytest.raises(SpeakerLeakError, match="two folds"):
+        given_folds(df, [["03"], ["emodb:03"]])
+    with pytest.raises(ValueError, match="not in the manifest"):
+        given_folds(df, [["99"]])

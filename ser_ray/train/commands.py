@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             parser.add_argument("--family", choices=sorted(MODELS), help="model family (see ser_ray/models)")
         parser.add_argument("--protocol", choices=PROTOCOLS, help="speaker-disjoint split protocol")
         parser.add_argument("--k", type=int, help="folds for --protocol kfold")
+        parser.add_argument("--folds", help="published folds to use as given instead of --protocol: JSON "
+                                            "(a list of test-speaker lists) or CSV (columns fold, speaker)")
         parser.add_argument("--epochs", type=int, help="maximum epochs per fold")
         parser.add_argument("--max-folds", type=int, default=None, help="run only the first N folds")
         if command == "cv":
@@ -92,6 +94,7 @@ def _cv_config(args):
         "data.root": getattr(args, "train_root", None) or args.root,
         "data.corpora": _corpora(args.corpora), "data.manifest": args.manifest,
         "family": getattr(args, "family", None), "data.protocol": args.protocol, "data.k": args.k,
+        "data.folds": args.folds,
         "epochs": args.epochs,
     }
     overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]

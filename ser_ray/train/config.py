@@ -30,6 +30,7 @@ class DataSpec:
     manifest: str | None = None  # or a manifest file (Parquet/CSV) instead of corpus + root
     protocol: str = "kfold"  # loso | kfold | cremad-fixed | fixed (70/10/20 speakers)
     k: int = 5  # folds for kfold
+    folds: str | None = None  # published folds (JSON/CSV: test speakers per fold), used as given
     test_fold: int = 0  # the fold held out by `ser-ray train` (kfold/loso)
     val_fraction: float = 0.15  # share of training speakers held out for validation
     cache_root: str | None = None  # feature cache root; default <out>/cache

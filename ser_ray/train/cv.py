@@ -84,10 +84,14 @@ def label_mapped(manifest: pd.DataFrame, label_map: str) -> tuple[pd.DataFrame, 
     return df, [label for label in CANONICAL if label in present]
 
 
-def assign_folds(df: pd.DataFrame, protocol: str, k: int, seed: int) -> tuple[pd.DataFrame, int]:
-    """``df`` with ``fold`` (loso/kfold) or ``split`` (cremad-fixed/fixed) and the number of test folds."""
+def assign_folds(df: pd.DataFrame, protocol: str, k: int, seed: int, folds: str | None = None) -> tuple[pd.DataFrame, int]:
+    """``df`` with ``fold`` (loso/kfold, or published ``folds`` from a file, used as given) or ``split``
+    (cremad-fixed/fixed) and the number of test folds."""
     from ser_ray import splits
 
+    if folds:
+        df = splits.given_folds(df, splits.read_folds(folds), where=folds)
+        return df, int(df["fold"].max()) + 1
     df = splits.apply_protocol(df, protocol, k=k, seed=seed)
     return df, (int(df["fold"].max()) + 1 if "fold" in df.columns else 1)
 
@@ -225,7 +229,7 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
     manifest, labels = label_mapped(load_manifest(config), config.label_map)
     if len(labels) < 2:
         raise ValueError(f"only labels {labels} after label map {config.label_map!r}: nothing to classify")
-    manifest, n_folds = assign_folds(manifest, data.protocol, data.k, config.seed)
+    manifest, n_folds = assign_folds(manifest, data.protocol, data.k, config.seed, data.folds)
     chosen = list(range(n_folds)) if folds is None else list(folds)
     if max_folds is not None:
         chosen = chosen[:max_folds]
@@ -245,7 +249,7 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
                            "train_speakers": sorted(s_tr), "n_train": len(tr), "n_val": len(va),
                            "n_test": len(te), "overlap": overlap})
     (out / "folds.json").write_text(json.dumps({"protocol": data.protocol, "k": data.k, "seed": config.seed,
-                                                "folds": fold_lists}, indent=1))
+                                                "folds_file": data.folds, "folds": fold_lists}, indent=1))
     if leaky:
         raise RuntimeError(f"{out}/folds.json: speakers shared between train/val/test; the split is not speaker-independent")
 
@@ -280,6 +284,7 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
         "family": config.family,
         "corpus": data.corpus_name,
         "protocol": data.protocol,
+        "folds_file": data.folds,
         "n_folds": n_folds,
         "folds_run": chosen,
         "labels": labels,

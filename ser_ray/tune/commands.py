@@ -15,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "tune") -> Non
     parser.add_argument("--num-samples", type=int, help="trials in all")
     parser.add_argument("--max-epochs", type=int, help="epochs of a trial ASHA never stops")
     parser.add_argument("--root", help="corpus directory or s3:// prefix (overrides data.root)")
+    parser.add_argument("--folds", help="published folds (JSON/CSV test speakers per fold); data.test_fold "
+                                        "picks the held-out one")
     parser.add_argument("--name", help="experiment name (a directory under --out)")
     parser.add_argument("--out", help="storage path for the experiment: a local directory or s3:// prefix")
     parser.add_argument("--resume", action="store_true",
@@ -28,7 +30,7 @@ def config_from_args(args):
 
     return load_search_config(
         args.config, families=args.families, num_samples=args.num_samples, max_epochs=args.max_epochs,
-        name=args.name, storage_path=args.out, **{"data.root": args.root},
+        name=args.name, storage_path=args.out, **{"data.root": args.root, "data.folds": getattr(args, "folds", None)},
     )
 
 

@@ -176,7 +176,7 @@ def load_search_data(cfg: SearchConfig, *, use_gpu: bool = False) -> SearchData:
     manifest, labels = label_mapped(load_manifest(base), base.label_map)
     if len(labels) < 2:
         raise ValueError(f"only labels {labels} after label map {base.label_map!r}: nothing to classify")
-    manifest, n_folds = assign_folds(manifest, cfg.data.protocol, cfg.data.k, base.seed)
+    manifest, n_folds = assign_folds(manifest, cfg.data.protocol, cfg.data.k, base.seed, cfg.data.folds)
     if not 0 <= cfg.data.test_fold < n_folds:
         raise ValueError(f"data.test_fold {cfg.data.test_fold}: protocol {cfg.data.protocol} has folds 0..{n_folds - 1}")
     parts = fold_frames(manifest, cfg.data.protocol, cfg.data.test_fold, cfg.data.val_fraction, base.seed)
