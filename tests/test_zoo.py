@@ -27,6 +27,7 @@ from ser_ray.models.zoo_spaces import ZOO_SPACES
 LABELS = ["anger", "disgust", "fear", "happiness", "neutral", "sadness"]
 BASE = FeatureConfig(window_s=1.0, n_mels=32, n_fft=512, hop_length=256)
 TINY = {
+    "acrnn": {"width": 4, "hidden": 8, "attn_dim": 8},
     "dummynet": {"width": 32, "dense": 16},
     "rezonet": {"width": 4},
     "exponet": {"width": 8, "dense": 32},
@@ -101,6 +102,19 @@ def test_zoo_family_round_trips_and_ignores_batch_and_level(family, tmp_path):
         else:
             louder += 12.0
         torch.testing.assert_close(model(louder), batched, rtol=1e-4, atol=1e-4)
+
+
+def test_acrnn_pools_over_the_clip_not_its_padding():
+    """The same clip padded to two window lengths (log-mel at its floor) gives the same logits."""
+    model, config = build("acrnn")
+    model.eval()
+    clip = features(config, 1)[:, :, :40]
+    floor = clip.amin() - 1.0
+    short = torch.cat([clip, torch.full((1, config.num_channels, 23), float(floor))], dim=2)
+    long = torch.cat([clip, torch.full((1, config.num_channels, 60), float(floor))], dim=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(short), model(long), rtol=1e-4, atol=1e-4)
+    assert model.frame_mask(short).sum() == 40
 
 
 def test_dummynet_channel_choice_and_log_mel_input():

@@ -234,7 +234,7 @@ def on_epoch_start(model: nn.Module, epoch: int) -> bool:
 
 
 # Importing the family modules registers them (wav2vec2 imports transformers only when built).
-from ser_ray.models import bigru_attn, cnn, wav2vec2  # noqa: E402,F401
+from ser_ray.models import acrnn, bigru_attn, cnn, wav2vec2  # noqa: E402,F401
 
 # The model zoo: the families of the projects ser-ray grew from.
 from ser_ray.models import dummynet, exponet, mfcc_cnn, parallel, rezonet, td_cnn  # noqa: E402,F401

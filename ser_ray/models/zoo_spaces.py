@@ -26,6 +26,13 @@ _SPEC_AUGMENT = {
 _TIME_AUGMENT = {"p": {"uniform": [0.0, 0.8]}, "freq_mask": 0, "time_mask": {"choice": [0, 5, 10, 20]}}
 
 ZOO_SPACES: dict[str, dict] = {
+    "acrnn": {
+        **_OPTIMISER,
+        "mixup": {"choice": [0.0, 0.2, 0.4]},
+        "hparams": {"width": {"choice": [16, 32]}, "hidden": {"choice": [64, 128]},
+                    "dropout": {"uniform": [0.1, 0.5]}},
+        "augment": _SPEC_AUGMENT,
+    },
     "dummynet": {
         **_OPTIMISER,
         "hparams": {

@@ -81,6 +81,7 @@ class TrainConfig:
     patience: int = 8  # epochs without a better val UA before stopping; 0 turns early stopping off
     class_weighted: bool = True  # cross-entropy weighted by inverse training class frequency
     augment: dict = dataclasses.field(default_factory=dict)  # Augmenter settings; {} = no augmentation
+    mixup: float = 0.0  # Beta(a, a) mixup of training batches (inputs and targets); 0 turns it off
     num_workers: int = 1  # Ray Train workers (data-parallel)
     cpus_per_worker: float = 1.0  # CPUs reserved per worker; torch uses as many threads
     use_gpu: bool | None = None  # None: use a GPU when the cluster has one
@@ -103,6 +104,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "num_workers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (self.mixup >= 0 and math.isfinite(self.mixup)):
+            raise ValueError(f"mixup must be 0 (off) or a positive Beta parameter, got {self.mixup}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
 

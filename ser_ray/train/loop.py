@@ -80,6 +80,7 @@ def train_loop_per_worker(config: dict) -> None:
     weight = _class_weights(config.get("class_counts"), labels) if cfg.class_weighted else None
     loss_fn = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device))
     augmenter = _augmenter(cfg.augment, feature_config, cfg.seed + rank)
+    mixer = np.random.default_rng(cfg.seed * 7919 + rank)  # mixup's own draws, independent of the shuffle
 
     state = {"epoch": 0, "history": [], "best_val_ua": -1.0, "best_epoch": -1, "bad_epochs": 0, "stopped": False,
              "restarts": 0}
@@ -120,9 +121,14 @@ def train_loop_per_worker(config: dict) -> None:
             x, y = batch["features"], batch["label"]
             if augmenter is not None:
                 x = augmenter(x)  # training batches only
+            lam, partner = _mixup(x, cfg.mixup, mixer)
+            if partner is not None:  # mixup: a convex mix of two clips, and of their targets
+                x = lam * x + (1 - lam) * x[partner]
             with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
                 logits = model(x)
                 loss = loss_fn(logits.float(), y)
+                if partner is not None:
+                    loss = lam * loss + (1 - lam) * loss_fn(logits.float(), y[partner])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip:
@@ -165,6 +171,14 @@ def train_loop_per_worker(config: dict) -> None:
         _report(metrics, rank, core, cfg, labels, feature_config, optimizer, scheduler, scaler, state)
         if state["stopped"]:
             log.info("early stop after epoch %d: no better val UA for %d epochs", epoch, cfg.patience)
+
+
+def _mixup(x: torch.Tensor, alpha: float, rng: np.random.Generator):
+    """``(lambda, partner indices)`` of a mixup draw, or ``(1, None)`` when mixup is off."""
+    if alpha <= 0 or len(x) < 2:
+        return 1.0, None
+    lam = float(rng.beta(alpha, alpha))
+    return max(lam, 1 - lam), torch.as_tensor(rng.permutation(len(x)), device=x.device)
 
 
 def _validate(model, shard, cfg, dtypes, device, num_classes, use_amp, loss_fn) -> dict:
