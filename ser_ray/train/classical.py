@@ -2,9 +2,10 @@
 
 A classical model fits in seconds, so it skips Ray Train's worker group (~20–35 s to start per run):
 ``ser-ray cv`` and ``compare`` fit it in the driver, a Tune trial fits it inside the trial's own
-process. Training and validation rows are pooled and the open hyperparameters are chosen by
-speaker-grouped cross-validation inside those speakers (``fit_arrays``): with a handful of speakers,
-one validation speaker is a noisy judge, and the test speakers are never involved either way.
+process. The open hyperparameters are chosen by speaker-grouped cross-validation inside the
+training speakers (``fit_arrays``); in cv the validation speakers are pooled with them (one
+validation speaker is a noisy judge), in Tune they stay held out (they choose the best trial and
+fit the ensemble weights). The test speakers are never involved either way.
 
 The result has the shape of a Ray Train run's (:class:`~ser_ray.train.loop.TrainResult`): the model
 directory in ``save_model`` layout, ``val_ua`` / ``val_loss`` out of fold, and ``oof.parquet`` with
@@ -39,16 +40,25 @@ def fit_classical(
     config: TrainConfig,
     *,
     run_dir: str,
+    pool_validation: bool = True,
 ):
-    """Fit ``config.family`` on the pooled rows; write ``run_dir/model`` and ``run_dir/oof.parquet``."""
+    """Fit ``config.family``; write ``run_dir/model``, ``run_dir/oof.parquet`` and ``run_dir/fit.json``.
+
+    ``pool_validation`` (cv, compare): fit on training and validation speakers together; ``val_*``
+    metrics are out of fold over all of them. Otherwise (Tune trials, whose validation speakers also
+    choose trials and fit ensemble weights): fit on the training speakers only and score ``val_*`` on
+    the validation speakers, like a deep family.
+    """
     from ser_ray.features.pipeline import features_array
     from ser_ray.models import build_model, save_model
     from ser_ray.train.loop import TrainResult, usable_rows
+    from ser_ray.train.metrics import classification_metrics
 
-    rows = pd.concat([usable_rows(train_df, "training set"), usable_rows(val_df, "validation set")],
-                     ignore_index=True)
+    train_df = usable_rows(train_df, "training set")
+    val_df = usable_rows(val_df, "validation set")
+    rows = pd.concat([train_df, val_df], ignore_index=True) if pool_validation else train_df.reset_index(drop=True)
     index = {label: i for i, label in enumerate(labels)}
-    unknown = sorted(set(rows["emotion"]) - set(index))
+    unknown = sorted((set(rows["emotion"]) | set(val_df["emotion"])) - set(index))
     if unknown:
         raise ValueError(f"rows with labels {unknown} are not in the label list {labels}; apply the label map first")
     start = time.perf_counter()
@@ -56,17 +66,26 @@ def fit_classical(
     info = model.fit_arrays(features_array(rows), rows["emotion"].map(index).to_numpy(),
                             rows["speaker"].astype(str).to_numpy())
     seconds = time.perf_counter() - start
-    model_dir = storage.join(run_dir, "model")
     oof = info.pop("oof_probs", None)
+    metrics = {"epoch": 1, "epoch_s": round(seconds, 3), "inner_folds": info["inner_folds"], **info["chosen"],
+               "inner_ua": info.get("inner_ua", float("nan"))}
+    if pool_validation:  # out-of-fold scores over every training speaker: the "validation" of this fit
+        metrics.update(val_ua=info.get("inner_ua", float("nan")), val_loss=info.get("inner_nll", float("nan")))
+        if oof is not None:
+            scores = classification_metrics(rows["emotion"], np.asarray(labels)[oof.argmax(1)], labels)
+            metrics.update(val_wa=scores["wa"], val_macro_f1=scores["macro_f1"])
+    else:
+        import torch
+
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.as_tensor(features_array(val_df))), dim=-1).numpy()
+        y_val = val_df["emotion"].map(index).to_numpy()
+        scores = classification_metrics(y_val, probs.argmax(1), labels)
+        metrics.update(val_ua=scores["ua"], val_wa=scores["wa"], val_macro_f1=scores["macro_f1"],
+                       val_loss=float(-np.log(np.clip(probs[np.arange(len(y_val)), y_val], 1e-12, None)).mean()))
+    model_dir = storage.join(run_dir, "model")
     save_model(model_dir, model, family=config.family, hparams=dataclasses.asdict(model.hparams), labels=labels,
                feature_config=feature_config, extra={"fit": _plain(info)})
-    metrics = {"epoch": 1, "val_ua": info.get("inner_ua", float("nan")), "val_loss": info.get("inner_nll", float("nan")),
-               "epoch_s": round(seconds, 3), "inner_folds": info["inner_folds"], **info["chosen"]}
-    if oof is not None:  # out-of-fold scores over every training speaker: the "validation" of this fit
-        from ser_ray.train.metrics import classification_metrics
-
-        scores = classification_metrics(rows["emotion"], np.asarray(labels)[oof.argmax(1)], labels)
-        metrics.update(val_wa=scores["wa"], val_macro_f1=scores["macro_f1"])
     if oof is not None:
         frame = rows[["path", "speaker", "emotion"]].rename(columns={"emotion": "true"}).reset_index(drop=True)
         for i, label in enumerate(labels):
@@ -75,9 +94,9 @@ def fit_classical(
             Path(run_dir).mkdir(parents=True, exist_ok=True)
         storage.write_bytes(storage.join(run_dir, OOF_PREDICTIONS), _parquet_bytes(frame))
     storage.write_bytes(storage.join(run_dir, "fit.json"), json.dumps(_plain({**info, **metrics}), indent=1).encode())
-    log.info("%s: chose %s by %d-fold speaker-grouped CV on %d clips (%d speakers): inner UA %.3f, %.1f s",
+    log.info("%s: chose %s by %d-fold speaker-grouped CV on %d clips (%d speakers): inner UA %.3f, val UA %.3f, %.1f s",
              config.family, info["chosen"], info["inner_folds"], len(rows), rows["speaker"].nunique(),
-             metrics["val_ua"], seconds)
+             metrics["inner_ua"], metrics["val_ua"], seconds)
     return TrainResult(best_checkpoint=model_dir, best_metrics=metrics, history=[metrics], path=run_dir,
                        labels=list(labels), config=config_to_plain(config))
 

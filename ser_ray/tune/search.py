@@ -244,7 +244,8 @@ def tune_trial(config: dict, data: SearchData) -> None:
         from ser_ray.train.classical import fit_classical
 
         result = fit_classical(frames.train, frames.val, data.labels, frames.feature_config, train_cfg,
-                               run_dir=storage.join(data.train_storage, f"train-{tune.get_context().get_trial_id()}"))
+                               run_dir=storage.join(data.train_storage, f"train-{tune.get_context().get_trial_id()}"),
+                               pool_validation=False)
         tune.report({**result.best_metrics, "checkpoint_path": result.best_checkpoint})
         return
     datasets = {
