@@ -124,3 +124,32 @@ def test_compare_cli_writes_one_row_per_family(ray_session, corpora, tmp_path, c
     assert (out / "comparison.png").stat().st_size > 0
     # both families read the same log-mel features of A: one shared cache
     assert len({json.loads((out / f / "summary.json").read_text())["feature_cache"] for f in ("cnn", "exponet")}) == 1
+
+
+def test_compare_per_fold_ensemble_of_classical_and_deep_members(ray_session, corpora, tmp_path):
+    """``compare --ensemble``: per fold, temperatures and weights fitted on that fold's validation speakers
+    (out-of-fold predictions for the classical member, the selected model's for the deep one), scored on
+    the fold's test speakers beside each member; a family spec with hyperparameters gets its own row."""
+    from ser_ray.cli import main
+
+    a, _ = corpora
+    out = tmp_path / "compare"
+    argv = ["compare", "--corpus", "synthetic", "--root", str(a), "--families", "logreg,svm:kernel=rbf+C=1,cnn",
+            "--ensemble", "--protocol", "loso", "--max-folds", "2", "--epochs", "1", "--out", str(out),
+            "--set", "data.val_fraction=0.34", *tiny(corpora)]
+    assert main(argv) == 0
+    table = pd.read_csv(out / "comparison.csv")
+    assert list(table["family"]) == ["logreg", "svm-kernel=rbf-C=1", "cnn", "ensemble"]
+    svm = json.loads((out / "svm-kernel=rbf-C=1" / "summary.json").read_text())
+    assert svm["config"]["hparams"] == {"kernel": "rbf", "C": 1}
+    summary = json.loads((out / "ensemble" / "summary.json").read_text())
+    assert summary["folds"] == [0, 1] and summary["members"] == ["logreg", "svm-kernel=rbf-C=1", "cnn"]
+    for fold in summary["per_fold"]:
+        assert sum(fold["weights"].values()) == pytest.approx(1.0) and min(fold["weights"].values()) >= 0
+        assert set(fold["members"]) == set(summary["members"]) and fold["n_val"] > 0 and fold["n_test"] > 0
+        folds = json.loads((out / "cnn" / "folds.json").read_text())["folds"][fold["fold"]]
+        for member in summary["members"]:  # validation predictions: validation speakers only, never test ones
+            val = pd.read_parquet(out / member / f"fold_{fold['fold']}" / "val_predictions.parquet")
+            assert set(val["speaker"]) == set(folds["val_speakers"])
+    assert table.loc[3, "ua_mean"] == pytest.approx(summary["ua"]["mean"])
+    assert "ensemble" in (out / "comparison.md").read_text()

@@ -179,3 +179,18 @@ def test_cv_writes_the_result_directory(ray_session, tmp_path):
     saved = json.loads((out / "summary.json").read_text())
     assert saved["labels"] == ["anger", "neutral", "sadness"] and saved["leaky"] is False
     assert saved["folds_run"] == [0] and summary["ua"]["mean"] == metrics["ua"]
+
+
+def test_mixup_draws_a_partner_and_a_dominant_weight():
+    import numpy as np
+    import torch
+
+    from ser_ray.train.config import TrainConfig
+    from ser_ray.train.loop import _mixup
+
+    x = torch.zeros(8, 4, 5)
+    assert _mixup(x, 0.0, np.random.default_rng(0)) == (1.0, None)  # off
+    lam, partner = _mixup(x, 0.4, np.random.default_rng(0))
+    assert 0.5 <= lam <= 1.0 and sorted(partner.tolist()) == list(range(8))
+    with pytest.raises(ValueError, match="mixup"):
+        TrainConfig(mixup=-0.2)
