@@ -77,12 +77,13 @@ DEFAULT_SPACES: dict[str, dict] = {
         },
     },
     # Classical families: scikit-learn on utterance functionals (no epochs, no lr).
-    "logreg": {"hparams": {"C": tune.loguniform(1e-4, 1.0)}},
+    "logreg": {"hparams": {"C": tune.loguniform(1e-4, 1.0), "class_weight": tune.choice(["balanced", "none"])}},
     "svm": {
         "hparams": {
             "kernel": tune.choice(["linear", "rbf"]),
             "C": tune.loguniform(1e-4, 100.0),
             "gamma": tune.uniform(0.25, 2.0),  # rbf only, in units of 1/D
+            "class_weight": tune.choice(["balanced", "none"]),
         },
     },
 }
