@@ -190,7 +190,9 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
         weights = fit_weights(val_probs, y_val)
         mix = np.tensordot(weights, np.stack(test_probs), axes=1)
         metrics = classification_metrics(y_test, mix.argmax(1), labels)
+        uniform = classification_metrics(y_test, np.mean(test_probs, axis=0).argmax(1), labels)
         metrics.update(fold=fold, weights=dict(zip(names, map(float, weights))), temperatures=dict(zip(names, temps)),
+                       uniform_ua=uniform["ua"],
                        members={n: classification_metrics(y_test, p.argmax(1), labels)["ua"]
                                 for n, p in zip(names, test_probs)},
                        n_val=len(val_paths), n_test=len(test_paths),
@@ -201,8 +203,10 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
                  ", ".join(f"{n} {u:.3f}" for n, u in metrics["members"].items()),
                  ", ".join(f"{n} {w:.2f}" for n, w in metrics["weights"].items()))
     summary = {**summarize_folds(per_fold), "members": names, "labels": labels, "folds": folds,
-               "per_fold": [{k: m[k] for k in ("fold", "ua", "wa", "macro_f1", "members", "weights", "temperatures",
-                                               "n_val", "n_test", "test_speakers")} for m in per_fold]}
+               # for comparison only: equal weights over the calibrated members (nothing fitted but T)
+               "uniform_weights": summarize_folds(per_fold, keys=("uniform_ua",))["uniform_ua"],
+               "per_fold": [{k: m[k] for k in ("fold", "ua", "wa", "macro_f1", "uniform_ua", "members", "weights",
+                                               "temperatures", "n_val", "n_test", "test_speakers")} for m in per_fold]}
     (ens_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     log.info("per-fold ensemble of %s over %d fold(s): UA %.3f ± %.3f", ", ".join(names), len(folds),
              summary["ua"]["mean"], summary["ua"]["std"])
