@@ -13,16 +13,15 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import minimize, minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.optimize import minimize
+from scipy.special import softmax
 
 from ser_ray import storage
 from ser_ray.audio.decode import fix_length, load_clip, resample, to_mono
+from ser_ray.calibration import _EPS, fit_temperature, nll  # noqa: F401  (ensemble callers import them here)
 from ser_ray.ensemble.bundle import Bundle, Member
 
 log = logging.getLogger(__name__)
-
-_EPS = 1e-12
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -55,22 +54,6 @@ def label_ids(values: Sequence[str], labels: Sequence[str]) -> np.ndarray:
 
 
 # -- fitting ----------------------------------------------------------------------------------
-def nll(probs: np.ndarray, y: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true classes."""
-    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], _EPS, None))))
-
-
-def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
-    """The temperature minimising the NLL of ``softmax(logits / T)`` (searched over ``log T``)."""
-    logits = np.asarray(logits, dtype=np.float64)
-
-    def loss(log_t: float) -> float:
-        return float(-np.mean(log_softmax(logits / np.exp(log_t), axis=1)[np.arange(len(y)), y]))
-
-    res = minimize_scalar(loss, bounds=tuple(np.log(bounds)), method="bounded")
-    return float(np.exp(res.x))
-
-
 def fit_weights(member_probs: Sequence[np.ndarray], y: np.ndarray) -> np.ndarray:
     """Simplex weights minimising the NLL of ``sum_k w_k * probs_k`` (``w = softmax(theta)``)."""
     stack = np.stack([np.asarray(p, dtype=np.float64) for p in member_probs])  # [K, N, L]

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import torch
+from scipy.special import softmax
 from torch import nn
 
 from ser_ray.features.config import FeatureConfig
@@ -133,7 +134,7 @@ class _ClassicalModel(nn.Module):
         if best in oof:
             temperature, nll = _fit_logit_scale(oof[best], y)
             self.logit_scale.fill_(temperature)
-            oof_probs = _softmax(oof[best] * temperature)
+            oof_probs = softmax(oof[best] * temperature, axis=1)
             info.update(inner_ua=results[best]["inner_ua"], inner_nll=nll, logit_scale=temperature, oof_probs=oof_probs)
         info["seconds"] = round(time.perf_counter() - start, 2)
         return info
@@ -284,19 +285,10 @@ def _full_linear(coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray, n
     return weight, bias
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=1, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(axis=1, keepdims=True)
-
 
 def _fit_logit_scale(decision: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """The factor ``s`` minimising the cross-entropy of ``softmax(s * decision)``, and that cross-entropy."""
-    from scipy.optimize import minimize_scalar
+    from ser_ray.calibration import fit_temperature, nll
 
-    def nll(log_s: float) -> float:
-        p = _softmax(decision * np.exp(log_s))
-        return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
-
-    res = minimize_scalar(nll, bounds=(np.log(1e-3), np.log(1e3)), method="bounded")
-    return float(np.exp(res.x)), float(res.fun)
+    scale = 1.0 / fit_temperature(decision, y, bounds=(1e-3, 1e3))
+    return scale, nll(softmax(decision * scale, axis=1), y)

@@ -158,7 +158,10 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
     exactly as ``ser-ray ensemble`` fits a bundle; the weighted mixture is then scored on the fold's
     test speakers. Folds every member finished are used. Returns the summary (``summary.json``).
     """
-    from ser_ray.ensemble.fit import fit_temperature, fit_weights, label_ids
+    from scipy.special import softmax
+
+    from ser_ray.calibration import fit_temperature
+    from ser_ray.ensemble.fit import fit_weights, label_ids
     from ser_ray.train.metrics import classification_metrics, summarize_folds
 
     ens_dir = out / "ensemble"
@@ -182,11 +185,13 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
         y_test = label_ids(test[0].loc[test_paths, "true"], labels)
         temps, val_probs, test_probs = [], [], []
         for v, t in zip(val, test):
+            # the members' log-probabilities act as their logits: a temperature rescales them
             logv = np.log(np.clip(v.loc[val_paths, prob_cols].to_numpy(np.float64), 1e-12, None))
+            logt = np.log(np.clip(t.loc[test_paths, prob_cols].to_numpy(np.float64), 1e-12, None))
             temp = fit_temperature(logv, y_val)
             temps.append(temp)
-            val_probs.append(_softmax(logv / temp))
-            test_probs.append(_softmax(np.log(np.clip(t.loc[test_paths, prob_cols].to_numpy(np.float64), 1e-12, None)) / temp))
+            val_probs.append(softmax(logv / temp, axis=1))
+            test_probs.append(softmax(logt / temp, axis=1))
         weights = fit_weights(val_probs, y_val)
         mix = np.tensordot(weights, np.stack(test_probs), axes=1)
         metrics = classification_metrics(y_test, mix.argmax(1), labels)
@@ -212,11 +217,6 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
              summary["ua"]["mean"], summary["ua"]["std"])
     return summary
 
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=1, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def comparison_markdown(table: pd.DataFrame, config: TrainConfig) -> str:
