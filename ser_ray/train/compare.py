@@ -153,10 +153,13 @@ def run_compare(config: TrainConfig, families: list[str], out: str | Path, *, ma
 def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
     """Per fold, an ensemble of the members ``out/<name>/fold_<i>``; written to ``out/ensemble/``.
 
-    On each fold's validation speakers (``val_predictions.parquet``: predictions from models that did
-    not train on them) one temperature per member, then simplex weights, are fitted by likelihood,
-    exactly as ``ser-ray ensemble`` fits a bundle; the weighted mixture is then scored on the fold's
-    test speakers. Folds every member finished are used. Returns the summary (``summary.json``).
+    On held-out predictions of each fold's non-test speakers one temperature per member, then simplex
+    weights, are fitted by likelihood, exactly as ``ser-ray ensemble`` fits a bundle; the weighted
+    mixture is then scored on the fold's test speakers. Held out means predicted by a model that did
+    not train on the clip: the validation speakers (``val_predictions.parquet``) when any member is a
+    deep family, every training speaker when all members are classical (their inner cross-validation's
+    ``oof_predictions.parquet``: one validation speaker is a noisy judge of weights). Folds every member
+    finished are used. Returns the summary (``summary.json``).
     """
     from scipy.special import softmax
 
@@ -177,7 +180,9 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
         val, test = [], []
         for name in names:
             d = out / name / f"fold_{fold}"
-            val.append(pd.read_parquet(d / "val_predictions.parquet").set_index("path"))
+            held_out = d / "oof_predictions.parquet"
+            val.append(pd.read_parquet(held_out if held_out.exists() else d / "val_predictions.parquet")
+                       .set_index("path"))
             test.append(pd.read_parquet(d / "predictions.parquet").set_index("path"))
         val_paths = sorted(set.intersection(*(set(v.index) for v in val)))
         test_paths = list(test[0].index[test[0].index.isin(set.intersection(*(set(t.index) for t in test)))])

@@ -185,6 +185,9 @@ def run_fold(
                feature_config=meta.feature_config, extra={**meta.extra, "normalise_by": config.data.normalise_by})
     predictions.to_parquet(fold_dir / "predictions.parquet", index=False)
     validation_predictions(result, val_df).to_parquet(fold_dir / "val_predictions.parquet", index=False)
+    oof = out_of_fold_predictions(result)
+    if oof is not None:  # a classical fit: held-out predictions of every training speaker
+        oof.to_parquet(fold_dir / "oof_predictions.parquet", index=False)
     (fold_dir / "history.json").write_text(json.dumps(result.history, indent=1))
     plot_learning_curves(result.history, fold_dir / "learning_curves.png", title=f"fold {fold}")
     # metrics.json last: its presence marks the fold as done
@@ -200,15 +203,21 @@ def validation_predictions(result, val_df: pd.DataFrame) -> pd.DataFrame:
     ensembles fit their weights on): the selected model for a deep family (validation chose its epoch,
     nothing more), the out-of-fold predictions of the inner cross-validation for a classical one (its
     final model trained on those speakers too)."""
-    from ser_ray import storage
-    from ser_ray.train.classical import OOF_PREDICTIONS
     from ser_ray.train.evaluate import predict
 
-    oof_uri = storage.join(result.path, OOF_PREDICTIONS)
-    if storage.exists(oof_uri):
-        oof = pd.read_parquet(io.BytesIO(storage.read_bytes(oof_uri)))
+    oof = out_of_fold_predictions(result)
+    if oof is not None:
         return oof[oof["path"].isin(val_df["path"])].reset_index(drop=True)
     return predict(result.best_checkpoint, val_df)
+
+
+def out_of_fold_predictions(result) -> pd.DataFrame | None:
+    """A classical fit's out-of-fold predictions of all its training clips (None for a deep family)."""
+    from ser_ray import storage
+    from ser_ray.train.classical import OOF_PREDICTIONS
+
+    uri = storage.join(result.path, OOF_PREDICTIONS)
+    return pd.read_parquet(io.BytesIO(storage.read_bytes(uri))) if storage.exists(uri) else None
 
 
 # -- the whole cross-validation --------------------------------------------------------------------
