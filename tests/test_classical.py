@@ -142,6 +142,7 @@ def test_cv_with_logreg_runs_without_ray_train(ray_session, tmp_path):
     oof = pd.read_parquet(run / "oof.parquet")
     assert "synthetic:1001" not in set(oof["speaker"]) and np.allclose(oof.filter(like="prob_").sum(1), 1, atol=1e-4)
     assert not list(run.glob("checkpoint_*"))  # no Ray Train run behind it
+    assert (out / "fold_0" / "oof_predictions.parquet").exists()  # what per-fold ensembles fit weights on
 
 
 def _normalised_bundle(directory):
@@ -195,3 +196,24 @@ def test_file_normalisation_labels_a_recording_with_its_own_statistics(tmp_path)
 
     with pytest.raises(ValueError, match="offline"):
         _member_names(str(tmp_path / "bundle"))
+
+
+def test_bundle_from_speaker_normalised_models_fits_per_speaker(tmp_path):
+    """``fit_bundle_from_dirs`` on models trained with normalise_by speaker: the bundle says so, and its
+    validation logits are computed speaker by speaker (each standardised with its own statistics)."""
+    import pandas as pd
+
+    from ser_ray.ensemble.bundle import load_bundle
+    from ser_ray.ensemble.fit import fit_bundle_from_dirs
+
+    source = load_bundle(_normalised_bundle(tmp_path / "source"))
+    member = source.members[0]
+    save_model(str(tmp_path / "m"), member.model, family="logreg", hparams=None, labels=source.labels,
+               feature_config=member.feature_config, extra={"normalise_by": "speaker"})
+    rows = [{"wave": voice(1.0, f0, level, seed=k), "sample_rate": SR, "speaker": f"s{level}",
+             "emotion": "low" if f0 < 200 else "high"}
+            for level in (0.05, 0.5) for f0 in (120.0, 240.0) for k in range(3)]
+    frame = pd.DataFrame(rows)
+    bundle, report = fit_bundle_from_dirs([str(tmp_path / "m")], frame, frame)
+    assert bundle.normalise_by == "speaker" and report["normalise_by"] == "speaker"
+    assert report["test"]["ensemble"]["ua"] == 1.0  # pitch contrast within each speaker, whatever the level
