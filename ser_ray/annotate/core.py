@@ -129,6 +129,8 @@ def _annotate(uri: str, predict_proba: PredictProba, config: AnnotateConfig, lab
         probs = np.asarray(probs, dtype=np.float64)
         if probs.shape != (len(spans), len(labels)):
             raise ValueError(f"predict_proba returned shape {probs.shape}, expected {(len(spans), len(labels))}")
+        if not np.isfinite(probs).all():  # never a label from NaN probabilities
+            raise AudioError(f"{name}: the model gave non-finite probabilities for this audio")
         prob_sum += probs.sum(axis=0)
         for (start, end), p in zip(spans, probs):
             k = int(p.argmax())
@@ -150,7 +152,7 @@ def _annotate(uri: str, predict_proba: PredictProba, config: AnnotateConfig, lab
         with f:
             info = audio_info(f)
             try:
-                for start, end, wave in iter_windows(f, config.window_s, config.hop_s, sr_out):
+                for start, end, wave in iter_windows(f, config.window_s, config.hop_s, sr_out, name=name):
                     n_windows += 1
                     last_end = end
                     real = wave[: max(1, int(round((end - start) * sr_out)))]

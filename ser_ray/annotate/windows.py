@@ -18,9 +18,11 @@ import numpy as np
 import soundfile as sf
 
 from ser_ray import storage
-from ser_ray.audio.decode import AudioError, fix_length, resample
+from ser_ray.audio.decode import AudioError, check_sample_rate, check_samples, fix_length, resample
 
 _COPY_CHUNK = 8 * 1024 * 1024
+MAX_CHANNELS = 16
+MAX_BLOCK_BYTES = 64 * 1024 * 1024  # decoded float32 samples held per read, whatever rate x channels
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,15 @@ def open_audio(path: str, name: str) -> sf.SoundFile:
     except Exception as exc:  # soundfile raises several types for bad input
         reason = str(exc).replace(path, name)  # name the input, not a temp copy
         raise AudioError(f"{name}: not a readable audio file (soundfile: {reason})") from None
-    if f.frames == 0:
+    try:
+        if f.frames == 0:
+            raise AudioError(f"{name}: audio has no samples")
+        check_sample_rate(f.samplerate, name)
+        if f.channels > MAX_CHANNELS:
+            raise AudioError(f"{name}: {f.channels} channels; at most {MAX_CHANNELS} are read")
+    except AudioError:
         f.close()
-        raise AudioError(f"{name}: audio has no samples")
+        raise
     return f
 
 
@@ -71,6 +79,7 @@ def iter_windows(
     hop_s: float = 1.5,
     target_sr: int = 16_000,
     block_s: float = 30.0,
+    name: str = "audio",
 ) -> Iterator[tuple[float, float, np.ndarray]]:
     """Yield ``(start_s, end_s, wave)`` for an open file; ``wave`` is float32 ``[window_s * target_sr]``.
 
@@ -83,7 +92,8 @@ def iter_windows(
     win = max(1, int(round(window_s * sr)))
     hop = max(1, int(round(hop_s * sr)))
     out_len = int(round(window_s * target_sr))
-    block = max(win, int(block_s * sr))
+    # a block is at most block_s of audio and at most MAX_BLOCK_BYTES decoded, but always one window
+    block = max(win, min(int(block_s * sr), MAX_BLOCK_BYTES // (4 * max(1, f.channels))))
 
     buf = np.zeros(0, dtype=np.float32)  # mono samples from buf_start on
     buf_start = 0  # absolute sample index of buf[0]
@@ -100,6 +110,7 @@ def iter_windows(
         data = f.read(block, dtype="float32", always_2d=True)
         if len(data) == 0:
             break
+        check_samples(data, name)  # NaN / Inf / absurd values: an error row, never a label
         total += len(data)
         buf = np.concatenate([buf, data.mean(axis=1, dtype=np.float32)])
         while True:

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 import io
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio
-
 from ser_ray import storage
 
 
 class AudioError(ValueError):
     """An input that is not usable audio; the message names the input and the cause."""
+
+
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4_000, 384_000  # Hz: telephone speech to studio masters
+MAX_ABS_SAMPLE = 64.0  # float audio is nominally within ±1; a little headroom, nothing absurd
 
 
 def decode_audio(data: bytes, name: str = "<bytes>") -> tuple[np.ndarray, int]:
@@ -29,7 +29,25 @@ def decode_audio(data: bytes, name: str = "<bytes>") -> tuple[np.ndarray, int]:
         raise AudioError(f"{name}: not a readable audio file (soundfile: {cause})") from None
     if audio.shape[0] == 0:
         raise AudioError(f"{name}: audio has no samples")
+    check_sample_rate(sample_rate, name)
+    check_samples(audio, name)
     return np.ascontiguousarray(audio.T), int(sample_rate)
+
+
+def check_sample_rate(sample_rate: int, name: str) -> None:
+    """Refuse rates no real recording has: a tiny rate turns a few bytes into hours of windows."""
+    if not MIN_SAMPLE_RATE <= int(sample_rate) <= MAX_SAMPLE_RATE:
+        raise AudioError(f"{name}: sample rate {int(sample_rate)} Hz is outside {MIN_SAMPLE_RATE}–{MAX_SAMPLE_RATE} Hz")
+
+
+def check_samples(audio: np.ndarray, name: str) -> None:
+    """Refuse NaN, infinite and absurdly large samples (float files can hold them): they would turn
+    loud audio into "silence" or make every probability NaN."""
+    if not np.isfinite(audio).all():
+        raise AudioError(f"{name}: audio contains NaN or infinite samples")
+    peak = float(np.abs(audio).max()) if audio.size else 0.0
+    if peak > MAX_ABS_SAMPLE:
+        raise AudioError(f"{name}: sample values reach {peak:.3g}; audio is expected within ±1 (at most ±{MAX_ABS_SAMPLE:g})")
 
 
 def to_mono(audio: np.ndarray) -> np.ndarray:
@@ -37,21 +55,20 @@ def to_mono(audio: np.ndarray) -> np.ndarray:
     return audio if audio.ndim == 1 else audio.mean(axis=0)
 
 
-@functools.lru_cache(maxsize=16)
-def _resampler(orig_sr: int, target_sr: int) -> torchaudio.transforms.Resample:
-    # Building the sinc kernel costs more than applying it (15 ms for 22.05 -> 16 kHz), so keep it.
-    return torchaudio.transforms.Resample(orig_sr, target_sr)
-
-
 def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    """Band-limited sinc resampling (torchaudio); a no-op at the target rate."""
+    """Band-limited resampling with soxr (high quality, what ``librosa.load`` uses); a no-op at the
+    target rate. soxr's polyphase filters cost the same whatever the two rates' gcd (torchaudio's sinc
+    kernel grows with ``rate / gcd``: a header claiming 16,001 Hz made it allocate gigabytes), and
+    nothing is cached between calls."""
+    import soxr
+
     if orig_sr == target_sr:
         return wave.astype(np.float32, copy=False)
-    with torch.inference_mode():
-        out = _resampler(int(orig_sr), int(target_sr))(
-            torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
-        )
-    return out.numpy()
+    wave = np.ascontiguousarray(wave, dtype=np.float32)
+    if wave.ndim == 1:
+        return soxr.resample(wave, int(orig_sr), int(target_sr), quality="HQ").astype(np.float32, copy=False)
+    # soxr reads [samples, channels]
+    return np.ascontiguousarray(soxr.resample(wave.T, int(orig_sr), int(target_sr), quality="HQ").T, dtype=np.float32)
 
 
 def fix_length(wave: np.ndarray, num_samples: int) -> np.ndarray:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 CACHE_JSON = "cache.json"
 # Bump when the way rows are produced changes, so old caches are not reused by mistake.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: soxr resampling, rate and sample checks
 ERROR_SAMPLE = 20  # error messages kept in cache.json / CacheInfo
 
 
