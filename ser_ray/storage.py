@@ -88,6 +88,10 @@ def list_files(root: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
         raise FileNotFoundError(f"{root}: no such directory or prefix")
     if info.type == pafs.FileType.File:
         infos = [info]
+    elif not is_s3(str(root)):
+        # os.walk does not descend into directory symlinks: a link to a parent would list every
+        # file again at each level, and two such links would never finish
+        infos = [fs.get_file_info(os.path.join(d, f)) for d, _, files in os.walk(base, followlinks=False) for f in files]
     else:
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
     uris = []

@@ -93,3 +93,21 @@ def test_non_finite_probabilities_never_become_a_label(tmp_path):
 
     row, segments = annotate_file(path, broken, CONFIG)
     assert row["status"] == "error" and "non-finite probabilities" in row["error"] and segments == []
+
+
+def test_listing_does_not_follow_directory_symlinks(tmp_path):
+    """``sub/up -> ..`` listed each file 41 times; two such links never finished."""
+    import os
+    import time
+
+    from ser_ray.annotate.listing import list_archive
+
+    (tmp_path / "sub").mkdir()
+    _wav(tmp_path / "a.wav", np.zeros(100), 16_000, subtype="PCM_16")
+    _wav(tmp_path / "sub" / "b.wav", np.zeros(100), 16_000, subtype="PCM_16")
+    os.symlink("..", tmp_path / "sub" / "up")
+    os.symlink(str(tmp_path), tmp_path / "sub" / "root")
+    start = time.perf_counter()
+    uris = list_archive(str(tmp_path))
+    assert uris == [str(tmp_path / "a.wav"), str(tmp_path / "sub" / "b.wav")]
+    assert time.perf_counter() - start < 5
