@@ -97,6 +97,26 @@ def test_energy_vad_skips_silence(tmp_path):
     assert row["status"] == "ok" and row["label"] is None and segs == []
 
 
+def test_silero_vad_tells_real_speech_from_noise(tmp_path, emodb_root):
+    """``vad="silero"`` (the silero-vad package, model inside the wheel): a real EmoDB utterance in the
+    middle of a file is speech, the white noise and silence around it are not; the energy VAD at its
+    default threshold calls the noise speech too."""
+    from ser_ray.audio.decode import load_clip
+
+    speech = load_clip(str(sorted(emodb_root.glob("*.wav"))[0]), 16_000)[: 3 * 16_000]
+    speech = np.pad(speech, (0, 3 * 16_000 - len(speech)))
+    rng = np.random.default_rng(0)
+    audio = np.concatenate([0.02 * rng.standard_normal(3 * 16_000), speech, np.zeros(3 * 16_000)]).astype(np.float32)
+    path = tmp_path / "noise-speech-silence.wav"
+    sf.write(path, audio, 16_000)
+    config = AnnotateConfig(window_s=3.0, hop_s=3.0, vad="silero", labels=tuple(LABELS))
+    row, segs = annotate_file(str(path), uniform_proba, config)
+    assert row["status"] == "ok" and row["n_windows"] == 3
+    assert [s["start_s"] for s in segs] == [3.0]
+    row, segs = annotate_file(str(path), uniform_proba, AnnotateConfig(window_s=3.0, hop_s=3.0, labels=tuple(LABELS)))
+    assert [s["start_s"] for s in segs] == [0.0, 3.0]  # energy: noise at -34 dBFS passes -45 dBFS
+
+
 def test_annotate_file_rows_and_limits(tmp_path, bundle_dir):
     from ser_ray.ensemble import load_bundle
 
