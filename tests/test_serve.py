@@ -88,6 +88,18 @@ def test_access_policy_decides_without_reading(tmp_path):
         assert policy.check(uri).status == status, uri
 
 
+def test_relative_allow_root_resolves_where_the_user_runs_the_command(tmp_path, monkeypatch):
+    import argparse
+
+    from ser_ray.serve.commands import add_arguments, config_from_args
+
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(["--bundle", "b", "--allow-root", "archive", "--allow-root", "/abs"]))
+    assert config.allowed_roots == [str(tmp_path / "archive"), "/abs"]
+
+
 def test_serve_config_from_string_args():
     from ser_ray.serve.app import ServeConfig
 
@@ -251,6 +263,11 @@ def test_upload_limits_and_non_audio(served):
     r = served.http.post("/predict", files={"file": ("notes.txt", b"hello, not audio", "text/plain")})
     assert r.status_code == 415
     assert "notes.txt: not a readable audio file" in r.json()["detail"]
+    assert "object at 0x" not in r.json()["detail"] and "BytesIO" not in r.json()["detail"]  # no internals
+    slow = io.BytesIO()
+    sf.write(slow, np.zeros(3000, np.float32), 1, format="WAV", subtype="PCM_16")  # 1 Hz: hours of windows
+    r = served.http.post("/predict", files={"file": ("slow.wav", slow.getvalue(), "audio/wav")})
+    assert r.status_code == 415 and "sample rate 1 Hz" in r.json()["detail"]
     r = served.http.post("/predict", content=wav_bytes(), headers={"content-type": "audio/wav"})
     assert r.status_code == 415 and "multipart" in r.json()["detail"]
     r = served.http.post("/predict", files={"other": ("clip.wav", wav_bytes(), "audio/wav")})

@@ -207,9 +207,17 @@ def _not_audio(data: bytes, name: str) -> str | None:
     try:
         info = sf.info(io.BytesIO(data))
     except Exception as exc:
-        return (f"{name}: not a readable audio file (soundfile: {exc}); upload WAV, FLAC or OGG audio")
+        # libsndfile's message alone: str(exc) names the in-memory buffer object (an internal detail)
+        cause = getattr(exc, "error_string", None) or type(exc).__name__
+        return f"{name}: not a readable audio file (soundfile: {cause}); upload WAV, FLAC or OGG audio"
     if info.frames == 0:
         return f"{name}: audio has no samples"
+    from ser_ray.audio.decode import AudioError, check_sample_rate
+
+    try:
+        check_sample_rate(info.samplerate, name)
+    except AudioError as exc:
+        return str(exc)
     return None
 
 

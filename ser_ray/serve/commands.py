@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ def config_from_args(args: argparse.Namespace):
 
     return ServeConfig(
         bundle=args.bundle,
-        allowed_roots=list(args.allow_root),
+        # resolved here, in the user's working directory, not in the replica's
+        allowed_roots=[str(Path(root).expanduser().resolve()) for root in args.allow_root],
         allowed_buckets=list(args.allow_bucket),
         max_upload_mb=args.max_upload_mb,
         max_batch_size=args.max_batch_size,
