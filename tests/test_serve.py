@@ -168,6 +168,7 @@ def test_health_and_labels(served):
     r = served.http.get("/healthz")
     assert r.status_code == 200 and r.json()["status"] == "ok"
     assert r.json()["members"] == ["cnn", "bigru", "logreg"]
+    assert r.json()["limits"]["max_upload_duration_s"] == 600.0  # the limits in force, for clients
     assert served.http.get("/labels").json() == {"labels": LABELS}
 
 
@@ -268,6 +269,11 @@ def test_upload_limits_and_non_audio(served):
     sf.write(slow, np.zeros(3000, np.float32), 1, format="WAV", subtype="PCM_16")  # 1 Hz: hours of windows
     r = served.http.post("/predict", files={"file": ("slow.wav", slow.getvalue(), "audio/wav")})
     assert r.status_code == 415 and "sample rate 1 Hz" in r.json()["detail"]
+    dc = io.BytesIO()  # 20 minutes of DC: a small FLAC that would be 800 windows
+    sf.write(dc, np.full(20 * 60 * 8000, 0.25, np.float32), 8000, format="FLAC")
+    assert len(dc.getvalue()) < MAX_UPLOAD_MB * 1024 * 1024
+    r = served.http.post("/predict", files={"file": ("long.flac", dc.getvalue(), "audio/flac")})
+    assert r.status_code == 422 and "over the limit of 600 s" in r.json()["detail"], r.text
     r = served.http.post("/predict", content=wav_bytes(), headers={"content-type": "audio/wav"})
     assert r.status_code == 415 and "multipart" in r.json()["detail"]
     r = served.http.post("/predict", files={"other": ("clip.wav", wav_bytes(), "audio/wav")})

@@ -23,6 +23,8 @@ def add_arguments(parser, command_name: str = "annotate") -> None:
     parser.add_argument("--normalise-by", choices=["auto", "none", "file"], default=AnnotateConfig.normalise_by,
                         help="file: standardise features over each recording's own speech windows, for bundles "
                              "trained with normalise_by: speaker (offline only); auto: what the bundle was trained with")
+    parser.add_argument("--max-duration-s", type=float, default=None,
+                        help="files longer than this (from their header) get an error row instead of being read")
     parser.add_argument("--batch-files", type=int, default=16, help="files per committed output part")
     parser.add_argument("--num-actors", type=int, default=None, help="annotation actors (default: one per CPU)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -33,7 +35,7 @@ def add_arguments(parser, command_name: str = "annotate") -> None:
 def run(args) -> int:
     config = AnnotateConfig(
         window_s=args.window_s, hop_s=args.hop_s, vad=args.vad, vad_threshold_db=args.vad_threshold_db,
-        normalise_by=args.normalise_by,
+        normalise_by=args.normalise_by, max_duration_s=args.max_duration_s,
     )
     if args.endpoint:
         from ser_ray.serve.client import annotate_via_endpoint  # written with the Serve app

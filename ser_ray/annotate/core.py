@@ -34,6 +34,8 @@ class AnnotateConfig:
     vad_threshold_db: float = -45.0  # energy VAD: windows quieter than this (dBFS) are skipped
     batch_size: int = 32  # windows per predict_proba call
     max_file_mb: float = 4096.0  # larger inputs get an error row instead of being read
+    # longer recordings get an error row before any window is read (a few KB of FLAC can hold hours)
+    max_duration_s: float | None = None
     sample_rate: int = 16_000
     labels: tuple[str, ...] = ()  # empty: taken from ``predict_proba.__self__.labels`` (a Bundle)
     # none | file | auto: file standardises each member's features over the recording's own speech
@@ -151,6 +153,9 @@ def _annotate(uri: str, predict_proba: PredictProba, config: AnnotateConfig, lab
         f = open_audio(path, name)
         with f:
             info = audio_info(f)
+            if config.max_duration_s and info.duration_s > config.max_duration_s:
+                raise AudioError(f"{name}: {info.duration_s:.0f} s of audio is over the limit of "
+                                 f"{config.max_duration_s:g} s (max_duration_s)")
             try:
                 for start, end, wave in iter_windows(f, config.window_s, config.hop_s, sr_out, name=name):
                     n_windows += 1

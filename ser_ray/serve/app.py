@@ -70,6 +70,9 @@ class ServeConfig:
     ingress_replicas: int = 1
     ingress_num_cpus: float = 0.5
     ingress_threads: int = 16  # annotate_file calls running at once per ingress replica
+    # audio length limits, checked from the header before any window is read
+    max_duration_s: float = 4 * 3600.0  # a file named in /annotate
+    max_upload_duration_s: float = 600.0  # an upload to /predict
     route_prefix: str = "/"
 
     @classmethod
@@ -89,7 +92,8 @@ class ServeConfig:
         from ser_ray.annotate import AnnotateConfig
 
         window_s = self.window_s if self.window_s is not None else bundle.window_s
-        return AnnotateConfig(window_s=window_s, hop_s=self.hop_s, vad=self.vad, labels=tuple(bundle.labels))
+        return AnnotateConfig(window_s=window_s, hop_s=self.hop_s, vad=self.vad, labels=tuple(bundle.labels),
+                              max_duration_s=self.max_duration_s)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -271,7 +275,7 @@ class Ingress:
         logits = [np.concatenate([r.result() for r in responses]) for responses in pending]
         return self.bundle.combine(logits)
 
-    def _annotate(self, path: str, uri: str) -> tuple[dict, list[dict]]:
+    def _annotate(self, path: str, uri: str, config=None) -> tuple[dict, list[dict]]:
         """``annotate_file`` through the member deployments; rows name ``uri`` (what the client sent).
 
         ``annotate_file`` turns any exception into an error row. A failing member deployment is not a
@@ -289,7 +293,7 @@ class Ingress:
                 failures.append(exc)
                 raise
 
-        file_row, segments = annotate_file(path, predict_proba, self.annotate_config)
+        file_row, segments = annotate_file(path, predict_proba, config or self.annotate_config)
         if failures:
             logger.error("model deployments failed while annotating %s: %r", uri, failures[0])
             raise _MembersUnavailable(f"model deployments failed ({type(failures[0]).__name__}); retry later")
@@ -309,7 +313,9 @@ class Ingress:
     # -- routes -----------------------------------------------------------------------------
     @api.get("/healthz")
     def healthz(self) -> dict:
-        return {"status": "ok", "members": [m.name for m in self.bundle.members], "labels": self.labels}
+        return {"status": "ok", "members": [m.name for m in self.bundle.members], "labels": self.labels,
+                "limits": {"max_upload_mb": self.config.max_upload_mb, "max_duration_s": self.config.max_duration_s,
+                           "max_upload_duration_s": self.config.max_upload_duration_s}}
 
     @api.get("/labels")
     def get_labels(self) -> dict:
@@ -376,7 +382,8 @@ class Ingress:
             path = os.path.join(tmp, safe + _safe_suffix(name))
             with open(path, "wb") as f:
                 f.write(data)
-            return self._annotate(path, name)
+            upload = dataclasses.replace(self.annotate_config, max_duration_s=self.config.max_upload_duration_s)
+            return self._annotate(path, name, upload)
 
     @api.post("/annotate")
     async def annotate(self, body: AnnotateRequest):

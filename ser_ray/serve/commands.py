@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "serve") 
     parser.add_argument("--address", default=None,
                         help="join this Ray cluster (e.g. auto or ray://host:10001); default: start a local Ray")
     parser.add_argument("--max-upload-mb", type=float, default=50.0)
+    parser.add_argument("--max-duration-s", type=float, default=4 * 3600.0,
+                        help="longest file /annotate reads (from its header, before any work)")
+    parser.add_argument("--max-upload-duration-s", type=float, default=600.0,
+                        help="longest audio a /predict upload may hold")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     parser.add_argument("--num-replicas", type=int, default=1, help="replicas per ensemble member")
@@ -50,6 +54,8 @@ def config_from_args(args: argparse.Namespace):
         allowed_roots=[str(Path(root).expanduser().resolve()) for root in args.allow_root],
         allowed_buckets=list(args.allow_bucket),
         max_upload_mb=args.max_upload_mb,
+        max_duration_s=args.max_duration_s,
+        max_upload_duration_s=args.max_upload_duration_s,
         max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_timeout_s,
         num_replicas=args.num_replicas,
