@@ -2,8 +2,8 @@
 
 synthetic corpus -> manifest + describe -> speaker-disjoint split -> Ray Data features -> Optuna/ASHA
 search over cnn, bigru_attn, logreg (on utterance functionals) and a tiny wav2vec2 (from a config
-created locally: no downloads) -> ensemble bundle -> Ray Serve endpoint -> annotate a synthetic archive of long recordings through the
-endpoint -> ``report.html``. Every stage is the same code the individual commands run.
+created locally: no downloads) -> ensemble bundle -> Ray Serve endpoint -> annotate a synthetic
+archive of long recordings through the endpoint -> ``report.html``. Every stage is the same code the individual commands run.
 
 A second run in the same ``--out`` reuses the corpus, the archive and the feature cache; the search,
 the bundle and the annotations are redone from scratch (their directories are replaced).

@@ -8,6 +8,7 @@ honours as well, so one setting covers every client ser-ray uses.
 from __future__ import annotations
 
 import functools
+import io
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -58,6 +59,20 @@ def write_bytes(uri: str, data: bytes) -> None:
         fs.create_dir(parent, recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def write_parquet(uri: str, frame) -> None:
+    """A pandas DataFrame as one Parquet file at ``uri`` (local or ``s3://``), without its index."""
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    write_bytes(uri, buf.getvalue())
+
+
+def read_parquet(uri: str):
+    """The pandas DataFrame in the Parquet file at ``uri`` (local or ``s3://``)."""
+    import pandas as pd
+
+    return pd.read_parquet(io.BytesIO(read_bytes(uri)))
 
 
 def exists(uri: str) -> bool:

@@ -1,8 +1,8 @@
 """``annotate_file``: the one per-file annotation function (offline Ray Data actors and Serve call it).
 
 A file becomes one ``files`` row (uri, status, error, duration, dominant label, per-label mean
-probabilities, segment counts, the feature normalisation used) and one ``segments`` row per speech window. Bad input never raises:
-it becomes a ``files`` row with ``status="error"`` and a message saying what is wrong.
+probabilities, segment counts, the feature normalisation used) and one ``segments`` row per speech
+window. Bad input never raises: it becomes a ``files`` row with ``status="error"`` and a message saying what is wrong.
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ def _labels(predict_proba: PredictProba, config: AnnotateConfig) -> list[str]:
     raise ValueError("annotate_file needs the labels: set AnnotateConfig(labels=...) or pass Bundle.predict_proba")
 
 
-def resolve_normalisation(config: AnnotateConfig, bundle) -> AnnotateConfig:
-    """``config`` with ``normalise_by`` settled for ``bundle`` (``auto``: what its members were trained
-    with); a mode the members were not trained for is refused, since it would label silently wrong."""
-    trained = getattr(bundle, "normalise_by", "none")
+def resolve_normalisation(config: AnnotateConfig, trained: str) -> AnnotateConfig:
+    """``config`` with ``normalise_by`` settled for a bundle trained with ``trained`` (``none`` or
+    ``speaker``; ``auto`` follows it); a mode the members were not trained for is refused, since it
+    would label silently wrong."""
     wanted = config.normalise_by
     if wanted == "auto":
         wanted = "none" if trained == "none" else "file"
@@ -91,7 +91,8 @@ def file_row(uri: str, labels: Sequence[str], **values) -> dict:
 def annotate_file(uri: str, predict_proba: PredictProba, config: AnnotateConfig = AnnotateConfig()) -> tuple[dict, list[dict]]:
     """``(file_row, segment_rows)`` for one local path or ``s3://`` URI; never raises for bad input."""
     labels = _labels(predict_proba, config)
-    config = resolve_normalisation(config, getattr(predict_proba, "__self__", None))
+    bundle = getattr(predict_proba, "__self__", None)
+    config = resolve_normalisation(config, getattr(bundle, "normalise_by", "none"))
     try:
         return _annotate(uri, predict_proba, config, labels)
     except AudioError as exc:

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import time
-import types
 
 import numpy as np
 
@@ -67,8 +66,7 @@ def annotate_archive(
     from ser_ray.ensemble.bundle import read_bundle_json
 
     # settle normalise_by before any work: a mode the bundle was not trained for is refused here
-    config = resolve_normalisation(
-        config, types.SimpleNamespace(normalise_by=read_bundle_json(bundle_uri).get("normalise_by", "none")))
+    config = resolve_normalisation(config, read_bundle_json(bundle_uri).get("normalise_by", "none"))
     writer = ResultWriter(output_uri, fmt)
     uris = list_archive(input_uri, output_uri)
     done = writer.done_uris()

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import soundfile as sf
+
 from ser_ray import storage
 
 

@@ -159,19 +159,23 @@ class Bundle:
         if self.normalise_by != "none":
             raise ValueError("this bundle's members were trained on speaker-normalised features: label a whole "
                              "recording (or speaker) at once with predict_proba_group / normalise_by: file")
-        return self.proba_from_features(self.features(waves))
+        shared = self._shared_features(waves)  # stays on the bundle's device
+        return self.combine([self._logits(i, shared[m.feature_config]) for i, m in enumerate(self.members)])
 
-    @torch.inference_mode()
-    def features(self, waves: np.ndarray) -> dict:
-        """Every member's input features for windows ``[N, samples]``: ``{FeatureConfig: [N, C, F] array}``
-        (one entry per distinct feature config)."""
+    def _shared_features(self, waves: np.ndarray) -> dict:
+        """``{FeatureConfig: chunks of features}``: one extraction per distinct member feature config."""
         shared: dict = {}
         for i, member in enumerate(self.members):
             if member.feature_config not in shared:
-                chunks = self._features(i, waves)
-                shared[member.feature_config] = (torch.cat(chunks).cpu().numpy() if chunks else
-                                                 np.zeros((0, *member.feature_config.shape), np.float32))
+                shared[member.feature_config] = self._features(i, waves)
         return shared
+
+    @torch.inference_mode()
+    def features(self, waves: np.ndarray) -> dict:
+        """Every member's input features for windows ``[N, samples]`` as host arrays, to hold across
+        batches until a group is complete: ``{FeatureConfig: [N, C, F] array}``."""
+        return {fc: (torch.cat(chunks).cpu().numpy() if chunks else np.zeros((0, *fc.shape), np.float32))
+                for fc, chunks in self._shared_features(waves).items()}
 
     @torch.inference_mode()
     def logits_from_features(self, features: dict, *, standardise: bool = False) -> list[np.ndarray]:

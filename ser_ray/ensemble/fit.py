@@ -150,9 +150,9 @@ def resolve_model_dir(path: str) -> str:
     raise FileNotFoundError(f"{path}: no model.json here or in {path}/model; is it a saved model or checkpoint?")
 
 
-def members_from_dirs(model_dirs: Sequence[str], device: str = "cpu") -> tuple[list[Member], list[str]]:
-    """Load each model dir as a member (weight 1, temperature 1); all must share labels and input
-    normalisation (see :func:`normalisation_of`)."""
+def members_from_dirs(model_dirs: Sequence[str], device: str = "cpu") -> tuple[list[Member], list[str], str]:
+    """Load each model dir as a member (weight 1, temperature 1); all must share labels and the input
+    normalisation they were trained with (``model.json`` ``extra.normalise_by``), which is returned."""
     from ser_ray.models import load_model
 
     members, labels, modes = [], None, set()
@@ -173,14 +173,7 @@ def members_from_dirs(model_dirs: Sequence[str], device: str = "cpu") -> tuple[l
         members.append(Member(meta.family, model, meta.feature_config, name=name, hparams=meta.hparams))
     if not members:
         raise ValueError("no model directories given")
-    return members, labels
-
-
-def normalisation_of(model_dir: str) -> str:
-    """How a saved model's inputs were normalised in training: ``none`` or ``speaker``."""
-    from ser_ray.models import read_model_meta
-
-    return read_model_meta(resolve_model_dir(model_dir)).extra.get("normalise_by", "none")
+    return members, labels, modes.pop()
 
 
 def fit_bundle_from_dirs(
@@ -196,9 +189,8 @@ def fit_bundle_from_dirs(
     Frames have an ``emotion`` column (bundle labels) and ``path`` or ``wave`` (see
     ``windows_from_frame``). Returns the bundle (not yet saved) and the metrics report.
     """
-    members, labels = members_from_dirs(model_dirs, device)
+    members, labels, normalise_by = members_from_dirs(model_dirs, device)
     fc = members[0].feature_config
-    normalise_by = normalisation_of(model_dirs[0])
     bundle = Bundle(labels, members, sample_rate=fc.sample_rate, window_s=fc.window_s,
                     data_summary=dict(data_summary or {}), device=device, normalise_by=normalise_by)
 

@@ -18,8 +18,6 @@ import dataclasses
 import json
 import logging
 import time
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
@@ -49,6 +47,7 @@ def fit_classical(
     choose trials and fit ensemble weights): fit on the training speakers only and score ``val_*`` on
     the validation speakers, like a deep family.
     """
+    from ser_ray.calibration import nll
     from ser_ray.features.pipeline import features_array
     from ser_ray.models import build_model, save_model
     from ser_ray.train.loop import TrainResult, usable_rows
@@ -82,7 +81,7 @@ def fit_classical(
         y_val = val_df["emotion"].map(index).to_numpy()
         scores = classification_metrics(y_val, probs.argmax(1), labels)
         metrics.update(val_ua=scores["ua"], val_wa=scores["wa"], val_macro_f1=scores["macro_f1"],
-                       val_loss=float(-np.log(np.clip(probs[np.arange(len(y_val)), y_val], 1e-12, None)).mean()))
+                       val_loss=nll(probs, y_val))
     model_dir = storage.join(run_dir, "model")
     save_model(model_dir, model, family=config.family, hparams=dataclasses.asdict(model.hparams), labels=labels,
                feature_config=feature_config, extra={"fit": _plain(info)})
@@ -90,23 +89,13 @@ def fit_classical(
         frame = rows[["path", "speaker", "emotion"]].rename(columns={"emotion": "true"}).reset_index(drop=True)
         for i, label in enumerate(labels):
             frame[f"prob_{label}"] = oof[:, i].astype(np.float32)
-        if "://" not in run_dir:
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-        storage.write_bytes(storage.join(run_dir, OOF_PREDICTIONS), _parquet_bytes(frame))
+        storage.write_parquet(storage.join(run_dir, OOF_PREDICTIONS), frame)
     storage.write_bytes(storage.join(run_dir, "fit.json"), json.dumps(_plain({**info, **metrics}), indent=1).encode())
     log.info("%s: chose %s by %d-fold speaker-grouped CV on %d clips (%d speakers): inner UA %.3f, val UA %.3f, %.1f s",
              config.family, info["chosen"], info["inner_folds"], len(rows), rows["speaker"].nunique(),
              metrics["inner_ua"], metrics["val_ua"], seconds)
     return TrainResult(best_checkpoint=model_dir, best_metrics=metrics, history=[metrics], path=run_dir,
                        labels=list(labels), config=config_to_plain(config))
-
-
-def _parquet_bytes(frame: pd.DataFrame) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    frame.to_parquet(buf, index=False)
-    return buf.getvalue()
 
 
 def _plain(value):

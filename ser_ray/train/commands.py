@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                                      f"(of {', '.join(sorted(MODELS))})")
             parser.add_argument("--ensemble", action="store_true",
                                 help="also score a per-fold ensemble of the families (weights and temperatures "
-                                     "fitted on each fold's validation speakers)")
+                                     "fitted on held-out predictions of each fold's non-test speakers)")
         else:
             parser.add_argument("--family", choices=sorted(MODELS), help="model family (see ser_ray/models)")
         parser.add_argument("--protocol", choices=PROTOCOLS, help="speaker-disjoint split protocol")

@@ -103,8 +103,8 @@ def run_compare(config: TrainConfig, families: list[str], out: str | Path, *, ma
     An entry of ``families`` is a family name or ``FAMILY:key=value,...`` (its hyperparameters, e.g.
     ``svm:kernel=rbf``); ``hparams`` maps a name to hyperparameters too (default: the family's
     defaults). With ``ensemble``, each fold's members are combined into a per-fold ensemble (weights
-    and temperatures fitted on that fold's validation speakers, see :func:`fold_ensembles`) and the
-    table gets an ``ensemble`` row. A rerun reuses finished folds (see ``run_cv``).
+    and temperatures fitted on held-out predictions of the fold's non-test speakers, see
+    :func:`fold_ensembles`) and the table gets an ``ensemble`` row. A rerun reuses finished folds (see ``run_cv``).
     """
     from ser_ray.models import MODELS
     from ser_ray.train.cv import run_cv
@@ -223,7 +223,6 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
     return summary
 
 
-
 def comparison_markdown(table: pd.DataFrame, config: TrainConfig) -> str:
     """The comparison table as Markdown, metrics as ``mean ± std`` over folds."""
     head = ["family", *(METRIC_NAMES[k] for k in METRICS), "parameters", "train s/epoch", "inference ms/clip", "folds"]
@@ -242,8 +241,10 @@ def comparison_markdown(table: pd.DataFrame, config: TrainConfig) -> str:
                  f"{row['infer_ms_per_clip']:.3f}", str(row["folds"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Mean ± population std over folds; inference timed on CPU over each fold's test clips."
-              + (" The ensemble row: per fold, the members' temperatures and weights fitted on that fold's "
-                 "validation speakers (out/ensemble/summary.json); its inference time is the members' sum."
+              + (" The ensemble row: per fold, the members' temperatures and weights fitted on held-out "
+                 "predictions of that fold's non-test speakers (all training speakers out of fold when every "
+                 "member is classical, else the validation speakers; out/ensemble/summary.json); its "
+                 "inference time is the members' sum."
                  if "ensemble" in set(table["family"]) else ""), ""]
     return "\n".join(lines)
 

@@ -18,7 +18,6 @@ A rerun into the same directory skips folds that already have ``metrics.json``.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -184,8 +183,8 @@ def run_fold(
     save_model(str(fold_dir / "model"), model, family=meta.family, hparams=meta.hparams, labels=meta.labels,
                feature_config=meta.feature_config, extra={**meta.extra, "normalise_by": config.data.normalise_by})
     predictions.to_parquet(fold_dir / "predictions.parquet", index=False)
-    validation_predictions(result, val_df).to_parquet(fold_dir / "val_predictions.parquet", index=False)
     oof = out_of_fold_predictions(result)
+    validation_predictions(result, val_df, oof).to_parquet(fold_dir / "val_predictions.parquet", index=False)
     if oof is not None:  # a classical fit: held-out predictions of every training speaker
         oof.to_parquet(fold_dir / "oof_predictions.parquet", index=False)
     (fold_dir / "history.json").write_text(json.dumps(result.history, indent=1))
@@ -198,14 +197,13 @@ def run_fold(
     return metrics
 
 
-def validation_predictions(result, val_df: pd.DataFrame) -> pd.DataFrame:
+def validation_predictions(result, val_df: pd.DataFrame, oof: pd.DataFrame | None) -> pd.DataFrame:
     """Predictions for the validation speakers from models that never trained on them (what per-fold
     ensembles fit their weights on): the selected model for a deep family (validation chose its epoch,
-    nothing more), the out-of-fold predictions of the inner cross-validation for a classical one (its
-    final model trained on those speakers too)."""
+    nothing more), the out-of-fold predictions ``oof`` of the inner cross-validation for a classical one
+    (its final model trained on those speakers too)."""
     from ser_ray.train.evaluate import predict
 
-    oof = out_of_fold_predictions(result)
     if oof is not None:
         return oof[oof["path"].isin(val_df["path"])].reset_index(drop=True)
     return predict(result.best_checkpoint, val_df)
@@ -217,7 +215,7 @@ def out_of_fold_predictions(result) -> pd.DataFrame | None:
     from ser_ray.train.classical import OOF_PREDICTIONS
 
     uri = storage.join(result.path, OOF_PREDICTIONS)
-    return pd.read_parquet(io.BytesIO(storage.read_bytes(uri))) if storage.exists(uri) else None
+    return storage.read_parquet(uri) if storage.exists(uri) else None
 
 
 # -- the whole cross-validation --------------------------------------------------------------------

@@ -494,11 +494,7 @@ def _json_default(value):
 
 
 def write_table(table: pd.DataFrame, cfg: SearchConfig) -> None:
-    import io
-
-    buf = io.BytesIO()
-    table.to_parquet(buf, index=False)
-    storage.write_bytes(storage.join(cfg.experiment_path, "trials.parquet"), buf.getvalue())
+    storage.write_parquet(storage.join(cfg.experiment_path, "trials.parquet"), table)
     storage.write_bytes(storage.join(cfg.experiment_path, "trials.csv"), table.to_csv(index=False).encode())
 
 
