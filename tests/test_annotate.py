@@ -154,22 +154,76 @@ def _rows(uris):
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
 def test_writer_commits_resumes_and_never_writes_twice(tmp_path, fmt):
     out = tmp_path / "out"
-    w = ResultWriter(str(out), fmt)
-    assert w.commit(*_rows(["a", "b"])) == 0
+    with ResultWriter(str(out), fmt) as w:
+        assert w.commit(*_rows(["a", "b"])) == 0
     # a killed run: a segments part whose files part never came
     (out / "segments" / f"part-000001.{fmt}").write_bytes((out / "segments" / f"part-000000.{fmt}").read_bytes())
     (out / "files" / f"part-000009.{fmt}.tmp").write_bytes(b"half")
 
-    w = ResultWriter(str(out), fmt)
-    assert not (out / "segments" / f"part-000001.{fmt}").exists()
-    assert not (out / "files" / f"part-000009.{fmt}.tmp").exists()
-    assert w.done_uris() == {"a", "b"}
-    files, segs = _rows(["b", "c", "c"])
-    assert w.commit(files, segs[:2]) is not None  # b: already done, dropped; c: once
-    assert w.commit(*_rows(["a"])) is None
-    files, segs = w.read_tables()
-    assert files["uri"].tolist() == ["a", "b", "c"] and segs["uri"].tolist() == ["a", "b", "c"]
-    assert files["error"].isna().all() and files["n_segments"].tolist() == [1, 1, 1]
+    with ResultWriter(str(out), fmt) as w:
+        assert not (out / "segments" / f"part-000001.{fmt}").exists()
+        assert not (out / "files" / f"part-000009.{fmt}.tmp").exists()
+        assert w.done_uris() == {"a", "b"}
+        files, segs = _rows(["b", "c", "c"])
+        assert w.commit(files, segs[:2] + segs[1:2]) is not None  # b: already done, dropped; c: once
+        assert w.commit(*_rows(["a"])) is None
+        # a storage failure is not final: the file is tried again and its new row supersedes the old
+        failed = [dict(_rows(["d"])[0][0], status="retry", error="d: the storage did not answer", n_segments=0)]
+        assert w.commit(failed, []) is not None and "d" not in w.done_uris()
+        assert w.commit(*_rows(["d"])) is not None and "d" in w.done_uris()
+    files, segs = ResultWriter(str(out), fmt).read_tables()
+    assert files["uri"].tolist() == ["a", "b", "c", "d"] and segs["uri"].tolist() == ["a", "b", "c", "d"]
+    assert files["error"].isna().all() and files["n_segments"].tolist() == [1, 1, 1, 1]
+    with pytest.raises(RuntimeError, match="lock"):
+        ResultWriter(str(out), fmt).commit(*_rows(["e"]))
+
+
+def test_one_writer_per_output(tmp_path):
+    """Two runs on one output lost committed batches (same batch numbers, each deleting the other's
+    in-flight segments); now the second refuses, naming the first, and the lock dies with its holder."""
+    from ser_ray.annotate.lock import OutputBusy
+
+    out = str(tmp_path / "out")
+    with ResultWriter(out) as first:
+        first.commit(*_rows(["a"]))
+        with pytest.raises(OutputBusy, match=f"pid {os.getpid()}"):
+            ResultWriter(out).__enter__()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from ser_ray.annotate.writer import ResultWriter
+        writer = ResultWriter({out!r}).__enter__()
+        print("locked", flush=True)
+        time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputBusy, match=f"pid {holder.pid}"):
+            ResultWriter(out).__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
+    with ResultWriter(out) as second:  # the killed holder's lock went with it
+        assert second.done_uris() == {"a"}
+
+
+def test_one_writer_per_s3_output(s3_bucket):
+    """On S3: a conditional put creates the lease; a live holder's lease refuses a second run, a
+    lease whose holder process is gone is taken over at once."""
+    from ser_ray.annotate.lock import OutputBusy, OutputLock
+
+    bucket, client = s3_bucket
+    out = f"s3://{bucket}/annotations"
+    with ResultWriter(out) as first:
+        first.commit(*_rows(["a"]))
+        with pytest.raises(OutputBusy, match="another annotate run"):
+            ResultWriter(out).__enter__()
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix="annotations/_lock")  # released
+    stale = OutputLock(out)
+    stale.holder["pid"] = 2**22 + 12345  # no such process on this host: a killed run's lease
+    stale.acquire()
+    stale._stop.set()  # it stops renewing, as a killed process would
+    with ResultWriter(out) as second:
+        assert second.done_uris() == {"a"}
 
 
 # -- archives through Ray Data ---------------------------------------------------------------------

@@ -3,6 +3,7 @@ row (or a bounded amount of work), never gigabytes of memory or a label from NaN
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -111,3 +112,68 @@ def test_listing_does_not_follow_directory_symlinks(tmp_path):
     uris = list_archive(str(tmp_path))
     assert uris == [str(tmp_path / "a.wav"), str(tmp_path / "sub" / "b.wav")]
     assert time.perf_counter() - start < 5
+
+
+def test_a_fifo_or_device_in_an_archive_is_an_error_row_not_a_hang(tmp_path):
+    """Opening a FIFO for reading blocks until a writer comes: one in an archive hung the run."""
+    import os
+
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)
+    row, _ = annotate_file(str(fifo), uniform, CONFIG)
+    assert row["status"] == "error" and row["error_code"] == "not_a_file", row
+    row, _ = annotate_file("/dev/zero", uniform, CONFIG)
+    assert row["status"] == "error" and row["error_code"] == "not_a_file", row
+
+
+# -- storage faults: S3 throttling, dropped connections, 403 ---------------------------------------
+@pytest.fixture
+def faulty_s3(s3_server, monkeypatch):
+    """The loopback S3 server behind a fault-injecting proxy; S3 clients in this process use the proxy."""
+    from faulty_s3 import FaultyS3Proxy
+
+    proxy = FaultyS3Proxy(s3_server).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    yield proxy
+    proxy.stop()
+
+
+FAST = AnnotateConfig(window_s=1.0, hop_s=1.0, vad="none", labels=LABELS, retry_backoff_s=0.05)
+
+
+@pytest.mark.parametrize("mode, code", [("throttle", "storage_unavailable"), ("drop", "storage_unavailable"),
+                                        ("forbid", "permission_denied")])
+def test_storage_faults_are_retried_then_a_retry_row_the_next_run_redoes(s3_bucket, faulty_s3, tmp_path, mode, code):
+    """503 SlowDown, a connection cut mid-download and 403 were permanent error rows that reruns
+    never retried. Now: retried with backoff inside the run (a short burst of faults costs nothing),
+    a lasting fault gives status=retry with a fixed message (no bucket, no AWS text), and the next
+    run annotates the file and its row supersedes the retry row."""
+    from ser_ray.annotate.writer import ResultWriter
+
+    bucket, client = s3_bucket
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.random.default_rng(0).standard_normal(32_000)).astype(np.float32), 16_000, format="WAV")
+    client.put_object(Bucket=bucket, Key="in/clip.wav", Body=buf.getvalue())
+    uri = f"s3://{bucket}/in/clip.wav"
+    methods = ("GET",) if mode == "drop" else ("GET", "HEAD")
+
+    faulty_s3.inject(mode, faults=2, methods=methods)  # a burst shorter than the retries
+    row, segments = annotate_file(uri, uniform, FAST)
+    assert row["status"] == "ok" and len(segments) == 2, row
+
+    faulty_s3.inject(mode, faults=10_000, methods=methods)  # lasts longer than the run's patience
+    row, segments = annotate_file(uri, uniform, FAST)
+    assert row["status"] == "retry" and row["error_code"] == code and segments == [], row
+    assert bucket not in row["error"] and "AWS" not in row["error"] and "tries again" in row["error"]
+
+    out = str(tmp_path / "out")
+    with ResultWriter(out) as writer:
+        writer.commit([row], [])
+        assert uri not in writer.done_uris()  # the next run will do it
+    faulty_s3.inject(mode, faults=0)
+    with ResultWriter(out) as writer:
+        assert uri not in writer.done_uris()
+        row, segments = annotate_file(uri, uniform, FAST)
+        writer.commit([row], segments)
+    files, segments = ResultWriter(out).read_tables()
+    assert files["status"].tolist() == ["ok"] and len(segments) == 2

@@ -18,11 +18,14 @@ import torch
 
 from conftest import free_port
 from ser_ray.features.config import FeatureConfig
+from ser_ray.serve.auth import digest
 
 LABELS = ["anger", "disgust", "fear", "happiness", "neutral", "sadness"]
 FEATURES = FeatureConfig(kind="logmel", window_s=1.0, n_mels=32, n_fft=512, hop_length=256)
 CLASSICAL = FeatureConfig(kind="functionals", window_s=1.0, n_mels=32, n_mfcc=13, n_fft=512, hop_length=160)
 MAX_UPLOAD_MB = 0.25
+API_KEY = "test-key-0123456789"
+REQUEST_TIMEOUT_S = 20
 
 
 def tone(seconds: float, sr: int = 16_000, freq: float = 220.0, seed: int = 0, channels: int = 1) -> np.ndarray:
@@ -88,6 +91,50 @@ def test_access_policy_decides_without_reading(tmp_path):
         assert policy.check(uri).status == status, uri
 
 
+def test_a_directory_swapped_for_a_symlink_after_the_check_is_not_followed(tmp_path):
+    """Between check and open, a directory on the resolved path replaced by a symlink to outside the
+    root redirected the read (12 of 64 on a stand-in). The fd walk with O_NOFOLLOW refuses it."""
+    import threading
+
+    from ser_ray.serve.access import AccessPolicy
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "d").mkdir(parents=True)
+    outside.mkdir()
+    (root / "d" / "x.wav").write_bytes(b"inside")
+    (outside / "x.wav").write_bytes(b"SECRET")
+    policy = AccessPolicy([str(root)])
+    stop = threading.Event()
+
+    def flip():
+        real, link = root / "d", root / "d-link"
+        while not stop.is_set():
+            os.rename(real, root / "d-real")
+            os.symlink(outside, link)
+            os.rename(link, real)  # d is now a symlink to outside
+            os.unlink(real)
+            os.rename(root / "d-real", real)
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    reads, refused = [], 0
+    try:
+        for _ in range(400):
+            decision = policy.check(str(root / "d" / "x.wav"))
+            if decision.status != 200:
+                continue
+            try:
+                with policy.open(decision.path) as f:
+                    reads.append(f.read())
+            except OSError:
+                refused += 1
+    finally:
+        stop.set()
+        flipper.join()
+    assert b"SECRET" not in reads
+    assert reads, "no read got through the flips at all"
+
+
 def test_relative_allow_root_resolves_where_the_user_runs_the_command(tmp_path, monkeypatch):
     import argparse
 
@@ -142,11 +189,14 @@ def served(ray_session, tmp_path_factory):
     config = ServeConfig(
         bundle=bundle, allowed_roots=[str(root)], allowed_buckets=[bucket], max_upload_mb=MAX_UPLOAD_MB,
         hop_s=0.5, max_batch_size=8, num_cpus=0.5, ingress_num_cpus=0.25, ingress_threads=4,
+        api_key_sha256=digest(API_KEY), ingress_max_ongoing=8, max_queued_requests=4, retry_after_s=3,
+        request_timeout_s=REQUEST_TIMEOUT_S,
     )
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
     serve.run(build_app(config), name="ser-ray-test", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as http:
         yield types.SimpleNamespace(http=http, url=f"http://127.0.0.1:{port}", root=root, outside=outside,
                                     bucket=bucket, bundle=bundle, config=config, tmp=tmp)
     serve.shutdown()
@@ -165,9 +215,10 @@ def assert_still_serving(served):
 
 
 def test_health_and_labels(served):
-    r = served.http.get("/healthz")
+    r = httpx.get(served.url + "/healthz")  # the one route without the key
     assert r.status_code == 200 and r.json()["status"] == "ok"
     assert r.json()["members"] == ["cnn", "bigru", "logreg"]
+    assert r.json()["member_status"] == {"cnn": "ok", "bigru": "ok", "logreg": "ok"}  # each member answered
     assert r.json()["limits"]["max_upload_duration_s"] == 600.0  # the limits in force, for clients
     assert served.http.get("/labels").json() == {"labels": LABELS}
 
@@ -229,6 +280,8 @@ def test_annotate_refuses_uris_outside_roots_and_buckets(served, make_uri, statu
     # the whole request is refused, naming the offending URI only
     assert [x["uri"] for x in r.json()["refused"]] == [bad]
     assert "nothing was read" in r.json()["detail"]
+    answer = r.text.replace(bad, "")  # the client's own URI aside, no root or bucket is named
+    assert str(served.root) not in answer and served.bucket not in answer
     assert_still_serving(served)
 
 
@@ -311,15 +364,23 @@ def test_annotate_via_endpoint_writes_tables_and_resumes(served):
 
     out = served.tmp / "annotations"
     # an archive with only allowed files: a subfolder of the root (the symlink would be refused)
-    summary = annotate_via_endpoint(str(served.root / "sub"), str(out), served.url, batch_files=1, progress=False)
+    summary = annotate_via_endpoint(str(served.root / "sub"), str(out), served.url, batch_files=1, progress=False,
+                                    api_key=API_KEY)
     assert summary["n_processed"] == 1
     archive = served.tmp / "archive"
     archive.mkdir()
     for i in range(3):
         sf.write(archive / f"clip{i}.wav", tone(1.5 + i * 0.5, seed=10 + i), 16_000)
     (archive / "readme.txt").write_text("not audio")
-    with pytest.raises(Exception, match="403"):  # the archive is not under the server's roots
-        annotate_via_endpoint(str(archive), str(out), served.url, progress=False)
+    # the archive is not under the server's roots: every URI gets an error row, the run ends normally
+    refused = annotate_via_endpoint(str(archive), str(served.tmp / "refused"), served.url, progress=False,
+                                    api_key=API_KEY)
+    assert (refused["n_processed"], refused["n_error"]) == (4, 4)
+    rows = ResultWriter(str(served.tmp / "refused")).read_tables()[0]
+    assert set(rows["error_code"]) == {"refused"} and rows["error"].str.contains("outside the allowed roots").all()
+    with pytest.raises(Exception, match="401"):  # no key: a fatal error, nothing written
+        annotate_via_endpoint(str(archive), str(served.tmp / "nokey"), served.url, progress=False,
+                              api_key="wrong")
 
     # serve the archive's files through the allowed root: copy them in
     target = served.root / "archive"
@@ -327,12 +388,90 @@ def test_annotate_via_endpoint_writes_tables_and_resumes(served):
     for p in archive.iterdir():
         (target / p.name).write_bytes(p.read_bytes())
     out2 = served.tmp / "annotations2"
-    first = annotate_via_endpoint(str(target), str(out2), served.url, batch_files=2, concurrency=2, progress=False)
+    first = annotate_via_endpoint(str(target), str(out2), served.url, batch_files=2, concurrency=2, progress=False,
+                                  api_key=API_KEY)
     assert (first["n_files"], first["n_processed"], first["n_ok"], first["n_error"]) == (4, 4, 3, 1)
     files, segments = ResultWriter(str(out2)).read_tables()
     assert sorted(files["uri"]) == sorted(str(p) for p in target.iterdir())
     assert files["uri"].is_unique
     assert set(segments["uri"]) == {str(target / f"clip{i}.wav") for i in range(3)}
-    again = annotate_via_endpoint(str(target), str(out2), served.url, progress=False)
+    again = annotate_via_endpoint(str(target), str(out2), served.url, progress=False, api_key=API_KEY)
     assert (again["n_skipped"], again["n_processed"]) == (4, 0)
     assert len(ResultWriter(str(out2)).read_tables()[0]) == 4
+
+
+def test_api_key_and_host_are_checked_before_anything_is_read(served):
+    """No authentication and any Host header were accepted: a web page could reach a loopback
+    endpoint by DNS rebinding. Now every route but /healthz needs the key, every route the Host."""
+    body = {"uris": [str(served.root / "a.wav")]}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"}):
+        r = httpx.post(served.url + "/annotate", json=body, headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
+        assert "API key" in r.json()["detail"]
+    r = httpx.post(served.url + "/predict", files={"file": ("clip.wav", wav_bytes(1.0), "audio/wav")})
+    assert r.status_code == 401
+    assert httpx.post(served.url + "/annotate", json=body, headers={"X-API-Key": API_KEY}).status_code == 200
+    rebound = {"Authorization": f"Bearer {API_KEY}", "Host": "attacker.example:8000"}
+    assert httpx.post(served.url + "/annotate", json=body, headers=rebound).status_code == 421
+    assert httpx.get(served.url + "/healthz", headers={"Host": "attacker.example"}).status_code == 421
+    assert httpx.get(served.url.replace("127.0.0.1", "localhost") + "/labels",
+                     headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+
+
+def test_a_repeated_uri_is_annotated_once(served):
+    uri = str(served.root / "a.wav")
+    answer = served.http.post("/annotate", json={"uris": [uri, uri, uri]}).json()
+    assert [f["uri"] for f in answer["files"]] == [uri]
+    starts = [s["start_s"] for s in answer["segments"]]
+    assert len(starts) == len(set(starts)) == answer["files"][0]["n_segments"]
+
+
+def test_hard_links_and_fifos_under_a_root_are_not_read(served):
+    """A hard link inside a root to a file outside it looked like any file inside."""
+    hard = served.root / "hard.wav"
+    os.link(served.outside / "secret.wav", hard)
+    fifo = served.root / "pipe.wav"
+    os.mkfifo(fifo)
+    try:
+        answer = served.http.post("/annotate", json={"uris": [str(hard), str(fifo)]}).json()
+    finally:
+        hard.unlink()
+        fifo.unlink()
+    rows = {f["uri"]: f for f in answer["files"]}
+    assert rows[str(hard)]["status"] == "error" and rows[str(hard)]["error_code"] == "access_denied"
+    assert rows[str(fifo)]["status"] == "error" and rows[str(fifo)]["error_code"] == "not_a_file"
+    assert answer["segments"] == []
+
+
+def test_slow_uploads_cannot_hold_the_endpoint(served):
+    """~64 sockets trickling uploads held every ingress slot for ever, /healthz included. Now the
+    slots are bounded, the overflow gets 503 with Retry-After at once, and the HTTP proxy cuts every
+    request at request_timeout_s, after which the endpoint answers again."""
+    import socket
+    import time
+
+    request = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+               "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 200000\r\n\r\n").encode()
+    port = int(served.url.rsplit(":", 1)[1])
+    sockets = []
+    try:
+        for _ in range(served.config.ingress_max_ongoing + served.config.max_queued_requests + 2):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(request)  # headers, then nothing: the body never comes
+            sockets.append(sock)
+        time.sleep(2.0)
+        start = time.perf_counter()
+        r = served.http.post("/annotate", json={"uris": [str(served.root / "a.wav")]}, timeout=REQUEST_TIMEOUT_S * 3)
+        if r.status_code == 503:  # refused at once, with a time to come back
+            assert time.perf_counter() - start < 5 and int(r.headers["retry-after"]) >= 1, r.headers
+        else:  # or served once the stalled uploads were cut
+            assert r.status_code == 200 and time.perf_counter() - start < REQUEST_TIMEOUT_S * 2
+        answers = []
+        for sock in sockets:
+            sock.settimeout(REQUEST_TIMEOUT_S * 2)
+            answers.append(sock.recv(200).split(b"\r\n", 1)[0])
+        assert all(a.startswith(b"HTTP/1.1 408") or a.startswith(b"HTTP/1.1 503") for a in answers), answers
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert_still_serving(served)

@@ -30,6 +30,11 @@ def add_arguments(parser, command_name: str = "annotate") -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--format", choices=["parquet", "csv"], default="parquet")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--max-attempts", type=int, default=2,
+                        help="offline: a file whose worker dies this many times (crash, out of memory) gets an error row")
+    parser.add_argument("--api-key-file", default=None,
+                        help="with --endpoint: file holding the API key (default: $SER_RAY_API_KEY, "
+                             "else ~/.config/ser-ray/api-key)")
 
 
 def run(args) -> int:
@@ -41,8 +46,11 @@ def run(args) -> int:
         from ser_ray.serve.client import annotate_via_endpoint  # written with the Serve app
 
         # windowing and VAD are the server's settings on this path
+        from ser_ray.serve.auth import resolve_key
+
         summary = annotate_via_endpoint(
-            args.input, args.output, args.endpoint, batch_files=args.batch_files, fmt=args.format
+            args.input, args.output, args.endpoint, batch_files=args.batch_files, fmt=args.format,
+            api_key=resolve_key(key_file=args.api_key_file),
         )
     else:
         import ray
@@ -55,6 +63,7 @@ def run(args) -> int:
         summary = annotate_archive(
             args.input, args.output, args.bundle, config,
             batch_files=args.batch_files, num_actors=args.num_actors, fmt=args.format, device=args.device,
+            max_attempts=args.max_attempts,
         )
     log.info("summary: %s", {k: v for k, v in summary.items() if k != "batches"})
     return 0

@@ -2,14 +2,20 @@
 
 A file becomes one ``files`` row (uri, status, error, duration, dominant label, per-label mean
 probabilities, segment counts, the feature normalisation used) and one ``segments`` row per speech
-window. Bad input never raises: it becomes a ``files`` row with ``status="error"`` and a message saying what is wrong.
+window. Bad input never raises: it becomes a ``files`` row with ``status="error"``, an ``error_code`` and
+a message saying what is wrong. Failures that are not the file's fault (S3 throttling, a dropped
+connection, permission denied, a full disk) are retried with backoff and, if they persist, give
+``status="retry"``: the writer does not count such a row as done, so the next run tries the file again.
+Messages are fixed texts naming the file; the underlying exception goes to the log only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
+import time
 from typing import Callable, Sequence
 
 import numpy as np
@@ -17,7 +23,7 @@ import soundfile as sf
 
 from ser_ray import storage
 from ser_ray.annotate.vad import METHODS, is_speech
-from ser_ray.annotate.windows import audio_info, iter_windows, local_copy, open_audio
+from ser_ray.annotate.windows import Opener, audio_info, file_size, iter_windows, open_audio, open_source
 from ser_ray.audio.decode import AudioError
 
 log = logging.getLogger(__name__)
@@ -41,6 +47,10 @@ class AnnotateConfig:
     # none | file | auto: file standardises each member's features over the recording's own speech
     # windows (for bundles trained with normalise_by: speaker); auto follows the bundle
     normalise_by: str = "auto"
+    # storage failures (throttling, network, permission) are tried this many times per file, with
+    # backoff from retry_backoff_s, before the file gets a status="retry" row
+    io_attempts: int = 3
+    retry_backoff_s: float = 0.5
 
     def __post_init__(self):
         if self.normalise_by not in NORMALISE_BY:
@@ -83,37 +93,76 @@ def file_row(uri: str, labels: Sequence[str], **values) -> dict:
     """A ``files`` row with every column present (None/NaN where unknown), in a fixed order."""
     row = {"uri": uri, "status": "ok", "error": None, "duration_s": float("nan"), "label": None}
     row.update({f"prob_{label}": float("nan") for label in labels})
-    row.update({"n_segments": 0, "n_windows": 0, "normalise_by": None})
+    row.update({"n_segments": 0, "n_windows": 0, "normalise_by": None, "error_code": None})
     row.update(values)
     return row
 
 
-def annotate_file(uri: str, predict_proba: PredictProba, config: AnnotateConfig = AnnotateConfig()) -> tuple[dict, list[dict]]:
-    """``(file_row, segment_rows)`` for one local path or ``s3://`` URI; never raises for bad input."""
+def annotate_file(uri: str, predict_proba: PredictProba, config: AnnotateConfig = AnnotateConfig(),
+                  opener: Opener | None = None) -> tuple[dict, list[dict]]:
+    """``(file_row, segment_rows)`` for one local path or ``s3://`` URI; never raises for bad input.
+
+    ``opener`` opens a local path (default: any regular file); Serve passes one that never leaves
+    its allowed roots.
+    """
     labels = _labels(predict_proba, config)
     bundle = getattr(predict_proba, "__self__", None)
     config = resolve_normalisation(config, getattr(bundle, "normalise_by", "none"))
-    try:
-        return _annotate(uri, predict_proba, config, labels)
-    except AudioError as exc:
-        return file_row(uri, labels, status="error", error=str(exc)), []
-    except FileNotFoundError:
-        return file_row(uri, labels, status="error", error=f"{uri}: file not found"), []
-    except Exception as exc:  # anything else: still one row, with the cause
-        log.warning("annotating %s failed", uri, exc_info=True)
-        return file_row(uri, labels, status="error", error=f"{uri}: {type(exc).__name__}: {exc}"), []
-
-
-def _annotate(uri: str, predict_proba: PredictProba, config: AnnotateConfig, labels: list[str]):
     name = os.path.basename(uri.rstrip("/")) or uri
-    nbytes = storage.size(uri)
-    if nbytes is None or nbytes < 0:
-        raise FileNotFoundError(uri)
-    if nbytes > config.max_file_mb * 1024**2:
-        raise AudioError(
-            f"{name}: file too large ({nbytes / 1024**2:.0f} MB > max_file_mb={config.max_file_mb:g}); "
-            "raise max_file_mb or split the file"
-        )
+    for attempt in range(1, max(1, config.io_attempts) + 1):
+        try:
+            return _annotate(uri, predict_proba, config, labels, opener)
+        except Exception as exc:
+            status, code, message = classify(exc, name)
+        if status != "retry" or attempt >= config.io_attempts:
+            break
+        log.warning("%s: %s (%s); attempt %d of %d", uri, message, code, attempt, config.io_attempts)
+        time.sleep(config.retry_backoff_s * 2 ** (attempt - 1))
+    if status == "retry":
+        message += f"; tried {attempt} times, the next run tries again"
+    return file_row(uri, labels, status=status, error=message, error_code=code), []
+
+
+def classify(exc: BaseException, name: str) -> tuple[str, str, str]:
+    """``(status, error_code, message)`` for an exception raised while annotating file ``name``.
+
+    ``error``: the file's fault (retrying gives the same answer). ``retry``: the storage's or the
+    machine's (throttling, network, permission, disk full), worth trying again later. Messages are
+    fixed texts: storage errors carry bucket names, credentials' owners and server text, which go to
+    the log only.
+    """
+    if isinstance(exc, AudioError):
+        return "error", exc.code, str(exc)
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return "error", "not_found", f"{name}: file not found"
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return "error", "access_denied", f"{name}: is a symbolic link that changed while being opened; not read"
+    if isinstance(exc, OSError):
+        log.warning("storage error on %s: %r", name, exc)
+        text = str(exc)
+        if isinstance(exc, PermissionError) or "ACCESS_DENIED" in text or "AccessDenied" in text or \
+                "HTTP response code: 403" in text:
+            return "retry", "permission_denied", f"{name}: permission denied by the storage"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "retry", "disk_full", f"{name}: no space left on the machine's disk"
+        return "retry", "storage_unavailable", f"{name}: the storage did not answer (throttled or disconnected)"
+    log.warning("annotating %s failed", name, exc_info=exc)
+    return "error", "internal", f"{name}: internal error ({type(exc).__name__}); details are in the log"
+
+
+def _annotate(uri: str, predict_proba: PredictProba, config: AnnotateConfig, labels: list[str], opener=None):
+    name = os.path.basename(uri.rstrip("/")) or uri
+
+    def check_size(nbytes):
+        if nbytes is None or nbytes < 0:
+            raise FileNotFoundError(uri)
+        if nbytes > config.max_file_mb * 1024**2:
+            raise AudioError(
+                f"{name}: file too large ({nbytes / 1024**2:.0f} MB > max_file_mb={config.max_file_mb:g}); "
+                "raise max_file_mb or split the file", "too_large")
+
+    if storage.is_s3(uri):
+        check_size(storage.size(uri))  # before the download
     sr_out = config.sample_rate
     segments: list[dict] = []
     prob_sum = np.zeros(len(labels), dtype=np.float64)
@@ -133,7 +182,7 @@ def _annotate(uri: str, predict_proba: PredictProba, config: AnnotateConfig, lab
         if probs.shape != (len(spans), len(labels)):
             raise ValueError(f"predict_proba returned shape {probs.shape}, expected {(len(spans), len(labels))}")
         if not np.isfinite(probs).all():  # never a label from NaN probabilities
-            raise AudioError(f"{name}: the model gave non-finite probabilities for this audio")
+            raise AudioError(f"{name}: the model gave non-finite probabilities for this audio", "model_output")
         prob_sum += probs.sum(axis=0)
         for (start, end), p in zip(spans, probs):
             k = int(p.argmax())
@@ -150,13 +199,14 @@ def _annotate(uri: str, predict_proba: PredictProba, config: AnnotateConfig, lab
             emit([(start, end) for start, end, _ in pending], predict_proba(waves))
         pending.clear()
 
-    with local_copy(uri) as path:
-        f = open_audio(path, name)
+    with open_source(uri, opener) as source:
+        check_size(file_size(source))
+        f = open_audio(source, name)
         with f:
             info = audio_info(f)
             if config.max_duration_s and info.duration_s > config.max_duration_s:
                 raise AudioError(f"{name}: {info.duration_s:.0f} s of audio is over the limit of "
-                                 f"{config.max_duration_s:g} s (max_duration_s)")
+                                 f"{config.max_duration_s:g} s (max_duration_s)", "too_long")
             try:
                 for start, end, wave in iter_windows(f, config.window_s, config.hop_s, sr_out, name=name):
                     n_windows += 1
@@ -168,14 +218,15 @@ def _annotate(uri: str, predict_proba: PredictProba, config: AnnotateConfig, lab
                     if len(pending) >= config.batch_size:
                         flush()
             except sf.SoundFileError as exc:  # corrupt data after a valid header
-                raise AudioError(f"{name}: could not decode audio (soundfile: {exc})") from None
+                cause = getattr(exc, "error_string", None) or type(exc).__name__
+                raise AudioError(f"{name}: could not decode audio (soundfile: {cause})", "decode_failed") from None
             if pending:
                 flush()
     if held:
         features = {key: np.concatenate([part[key] for part in held_features]) for key in held_features[0]}
         emit(held, bundle.proba_from_features(features, standardise=True))
     if n_windows == 0:
-        raise AudioError(f"{name}: no audio could be read")
+        raise AudioError(f"{name}: no audio could be read", "decode_failed")
     n = len(segments)
     # the end of the last window is the end of the audio actually read (a truncated file's header
     # can claim more)

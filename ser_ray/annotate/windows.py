@@ -1,7 +1,7 @@
 """Stream a long recording as fixed windows, in bounded memory whatever its length.
 
-The file is read in blocks with soundfile (an ``s3://`` object is first streamed to a temporary file,
-chunk by chunk, so neither path holds the whole recording in memory). Windows of ``window_s`` start
+The file is read in blocks with soundfile (an ``s3://`` object is first streamed to an anonymous
+temporary file, chunk by chunk, so neither path holds the whole recording in memory). Windows of ``window_s`` start
 every ``hop_s``; each is downmixed and resampled to 16 kHz on its own; the last, partial window is
 zero-padded.
 """
@@ -9,10 +9,12 @@ zero-padded.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import soundfile as sf
@@ -33,40 +35,76 @@ class AudioInfo:
     frames: int
 
 
+Opener = Callable[[str], BinaryIO]  # a local path -> an open binary file (Serve: confined to its roots)
+
+
+def open_regular(path: str) -> BinaryIO:
+    """``path`` opened for reading, refused unless it is a regular file.
+
+    Opened non-blocking and checked with ``fstat`` on the open descriptor: a FIFO in an archive would
+    otherwise block ``open`` forever, and a device (``/dev/zero``) would never end.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    return regular_file(fd, os.path.basename(path))
+
+
+def regular_file(fd: int, name: str) -> BinaryIO:
+    """The open descriptor ``fd`` as a binary file, or ``AudioError`` (fd closed) if not a regular file."""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise AudioError(f"{name}: not a regular file", "not_a_file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 @contextlib.contextmanager
-def local_copy(uri: str) -> Iterator[str]:
-    """A local path for ``uri``: the path itself, or a temp copy of an ``s3://`` object (deleted after)."""
+def open_source(uri: str, opener: Opener | None = None) -> Iterator[BinaryIO]:
+    """An open binary file for ``uri``: the local file, or an anonymous temp copy of an ``s3://`` object.
+
+    The temp copy has no name on disk (``tempfile.TemporaryFile``), so a killed process leaves nothing
+    behind in the temp directory.
+    """
     if not storage.is_s3(uri):
-        yield uri
+        with (opener or open_regular)(uri) as f:
+            yield f
         return
     fs, path = storage.filesystem_and_path(uri)
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix="ser-ray-", suffix=suffix)
-    try:
-        with os.fdopen(fd, "wb") as out, fs.open_input_stream(path) as src:
+    with tempfile.TemporaryFile(prefix="ser-ray-") as out:
+        with fs.open_input_stream(path) as src:
             while chunk := src.read(_COPY_CHUNK):
                 out.write(chunk)
-        yield tmp
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+        out.seek(0)
+        yield out
 
 
-def open_audio(path: str, name: str) -> sf.SoundFile:
-    """``sf.SoundFile`` for reading, or ``AudioError`` naming the file and the cause."""
-    if os.path.getsize(path) == 0:
-        raise AudioError(f"{name}: empty file (0 bytes)")
+def file_size(f: BinaryIO) -> int:
     try:
-        f = sf.SoundFile(path)
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):  # in-memory uploads
+        pos = f.seek(0, io.SEEK_END)
+        f.seek(0)
+        return pos
+
+
+def open_audio(source: BinaryIO, name: str) -> sf.SoundFile:
+    """``sf.SoundFile`` reading the open file ``source``, or ``AudioError`` naming the file and the cause."""
+    if file_size(source) == 0:
+        raise AudioError(f"{name}: empty file (0 bytes)", "empty")
+    try:
+        f = sf.SoundFile(source)
     except Exception as exc:  # soundfile raises several types for bad input
-        reason = str(exc).replace(path, name)  # name the input, not a temp copy
-        raise AudioError(f"{name}: not a readable audio file (soundfile: {reason})") from None
+        # libsndfile's cause alone: str(exc) names the Python file object
+        cause = getattr(exc, "error_string", None) or type(exc).__name__
+        raise AudioError(f"{name}: not a readable audio file (soundfile: {cause})") from None
     try:
         if f.frames == 0:
-            raise AudioError(f"{name}: audio has no samples")
+            raise AudioError(f"{name}: audio has no samples", "no_samples")
         check_sample_rate(f.samplerate, name)
         if f.channels > MAX_CHANNELS:
-            raise AudioError(f"{name}: {f.channels} channels; at most {MAX_CHANNELS} are read")
+            raise AudioError(f"{name}: {f.channels} channels; at most {MAX_CHANNELS} are read", "channels")
     except AudioError:
         f.close()
         raise

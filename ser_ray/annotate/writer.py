@@ -5,9 +5,15 @@ Layout under the output::
     segments/part-<batch>.parquet   one row per speech window
     files/part-<batch>.parquet      one row per input file; written last, so it commits the batch
 
-A batch counts only once its ``files`` part exists (local writes go through a temp file and a rename,
-an S3 PUT is atomic). On open, ``segments`` parts without their ``files`` part, left by a killed run,
-are deleted. A uri already in ``files`` is never written again.
+A batch counts only once its ``files`` part exists (local writes go through a temp file, an fsync, a
+rename and an fsync of the directory; an S3 PUT is atomic). Writing needs the output's lock
+(``with ResultWriter(...) as writer``, see ``lock.py``): a second run on the same output refuses
+instead of overwriting or deleting the first one's parts. Under the lock, ``segments`` parts without
+their ``files`` part, left by a killed run, are deleted.
+
+A uri whose committed row has ``status`` ``ok`` or ``error`` is done and never written again. A
+``retry`` row (the storage failed, not the file) is not done: the next run annotates the file again
+and its new row supersedes the old one when the tables are read.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ser_ray import storage
+from ser_ray.annotate.lock import OutputLock
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("parquet", "csv")
 _PART = re.compile(r"^part-(\d+)\.(parquet|csv)$")
-_STRING_COLUMNS = ("uri", "status", "error", "label", "normalise_by")
+_STRING_COLUMNS = ("uri", "status", "error", "label", "normalise_by", "error_code")
+FINAL = ("ok", "error")  # statuses that settle a uri; "retry" does not
 _INT_COLUMNS = ("n_segments", "n_windows", "batch")
 
 
@@ -41,11 +49,30 @@ class ResultWriter:
         self.output_uri = str(output_uri).rstrip("/") if storage.is_s3(output_uri) else str(output_uri)
         self.fmt = fmt
         self.fs, self.root = storage.filesystem_and_path(self.output_uri)
-        for table in ("files", "segments"):
-            self.fs.create_dir(f"{self.root}/{table}", recursive=True)
-        self._clean_orphans()
+        self._lock: OutputLock | None = None
         self._done = self._read_done()
-        self._next = max(self._batches("files") | self._batches("segments"), default=-1) + 1
+
+    def __enter__(self) -> "ResultWriter":
+        """Take the output's lock (``OutputBusy`` if another run holds it), then tidy and read it."""
+        self._lock = OutputLock(self.output_uri).acquire()
+        try:
+            for table in ("files", "segments"):
+                self.fs.create_dir(f"{self.root}/{table}", recursive=True)
+            self._clean_orphans()
+            self._done = self._read_done()
+            self._next = max(self._batches("files") | self._batches("segments"), default=-1) + 1
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- layout ---------------------------------------------------------------------------------
     def _part(self, table: str, batch: int) -> str:
@@ -87,22 +114,30 @@ class ResultWriter:
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
     def _read_done(self) -> set[str]:
-        return set(self._read_table("files", ["uri"]).get("uri", pd.Series(dtype=str)).tolist())
+        files = self._read_table("files", ["uri", "status"])
+        if not len(files):
+            return set()
+        return set(files.loc[files["status"].isin(FINAL), "uri"].tolist())
 
     def done_uris(self) -> set[str]:
         """URIs that already have a committed ``files`` row."""
         return set(self._done)
 
     def read_tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """``(files_df, segments_df)`` of every committed batch, sorted by uri (and start)."""
+        """``(files_df, segments_df)``: one row per uri (its latest committed row; a ``retry`` row is
+        superseded by a later one) and that row's segments, sorted by uri (and start)."""
         committed = self._batches("files")
         files = self._read_table("files")
         segs = [self._read_part(self._part("segments", b)) for b in sorted(self._batches("segments") & committed)]
         segs = [s for s in segs if len(s)]
         segments = pd.concat(segs, ignore_index=True) if segs else pd.DataFrame(columns=["uri", "start_s", "end_s"])
         if len(files):
+            files = files.sort_values("batch", kind="stable").drop_duplicates("uri", keep="last")
             files = files.sort_values("uri", kind="stable").reset_index(drop=True)
         if len(segments):
+            if "batch" in segments and len(files):  # only the segments of each uri's chosen row
+                chosen = files[["uri", "batch"]]
+                segments = segments.merge(chosen, on=["uri", "batch"], how="inner")
             segments = segments.sort_values(["uri", "start_s"], kind="stable").reset_index(drop=True)
         return files, segments
 
@@ -110,9 +145,12 @@ class ResultWriter:
     def commit(self, file_rows: list[dict], segment_rows: list[dict]) -> int | None:
         """Write one batch (segments first, then the files part that commits it); returns its id.
 
-        Rows for uris already committed (or repeated within the batch) are dropped; ``None`` when
-        nothing is left to write.
+        Rows for uris already done (or repeated within the batch) are dropped, and so are repeated
+        segments of a uri; ``None`` when nothing is left to write.
         """
+        if self._lock is None:
+            raise RuntimeError("ResultWriter.commit needs the output's lock: use `with ResultWriter(...) as writer`")
+        self._lock.check()
         fresh, seen = [], set()
         for row in file_rows:
             if row["uri"] in self._done or row["uri"] in seen:
@@ -124,11 +162,16 @@ class ResultWriter:
             return None
         batch = self._next
         self._next += 1
-        segs = [s for s in segment_rows if s["uri"] in seen]
+        segs, seen_segments = [], set()
+        for seg in segment_rows:
+            key = (seg["uri"], seg.get("start_s"), seg.get("end_s"))
+            if seg["uri"] in seen and key not in seen_segments:
+                seen_segments.add(key)
+                segs.append(seg)
         if segs:
             self._write(self._part("segments", batch), _frame(segs, batch))
         self._write(self._part("files", batch), _frame(fresh, batch))
-        self._done |= seen
+        self._done |= {row["uri"] for row in fresh if row.get("status") in FINAL}
         return batch
 
     def _write(self, path: str, df: pd.DataFrame) -> None:
@@ -145,6 +188,11 @@ class ResultWriter:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic: readers see the whole part or none
+            directory = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(directory)  # the rename itself survives a power cut
+            finally:
+                os.close(directory)
         else:
             with self.fs.open_output_stream(path) as f:  # one PUT: atomic on S3
                 f.write(data)

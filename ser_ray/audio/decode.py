@@ -11,7 +11,17 @@ from ser_ray import storage
 
 
 class AudioError(ValueError):
-    """An input that is not usable audio; the message names the input and the cause."""
+    """An input that is not usable audio (the file's fault: retrying will not help).
+
+    The message names the input and the cause; ``code`` is a fixed identifier of the cause
+    (``empty``, ``not_audio``, ``no_samples``, ``sample_rate``, ``channels``, ``bad_samples``,
+    ``too_long``, ``too_large``, ``decode_failed``, ``not_found``, ``not_a_file``, ``model_output``)
+    that the ``error_code`` column carries, for filtering without parsing messages.
+    """
+
+    def __init__(self, message: str, code: str = "not_audio"):
+        super().__init__(message)
+        self.code = code
 
 
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4_000, 384_000  # Hz: telephone speech to studio masters
@@ -21,7 +31,7 @@ MAX_ABS_SAMPLE = 64.0  # float audio is nominally within ±1; a little headroom,
 def decode_audio(data: bytes, name: str = "<bytes>") -> tuple[np.ndarray, int]:
     """Decode WAV/FLAC/OGG (and MP3 where libsndfile can) to float32 ``[channels, samples]``."""
     if not data:
-        raise AudioError(f"{name}: empty file (0 bytes)")
+        raise AudioError(f"{name}: empty file (0 bytes)", "empty")
     try:
         audio, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises several types for bad input
@@ -29,7 +39,7 @@ def decode_audio(data: bytes, name: str = "<bytes>") -> tuple[np.ndarray, int]:
         cause = getattr(exc, "error_string", None) or str(exc)
         raise AudioError(f"{name}: not a readable audio file (soundfile: {cause})") from None
     if audio.shape[0] == 0:
-        raise AudioError(f"{name}: audio has no samples")
+        raise AudioError(f"{name}: audio has no samples", "no_samples")
     check_sample_rate(sample_rate, name)
     check_samples(audio, name)
     return np.ascontiguousarray(audio.T), int(sample_rate)
@@ -38,17 +48,19 @@ def decode_audio(data: bytes, name: str = "<bytes>") -> tuple[np.ndarray, int]:
 def check_sample_rate(sample_rate: int, name: str) -> None:
     """Refuse rates no real recording has: a tiny rate turns a few bytes into hours of windows."""
     if not MIN_SAMPLE_RATE <= int(sample_rate) <= MAX_SAMPLE_RATE:
-        raise AudioError(f"{name}: sample rate {int(sample_rate)} Hz is outside {MIN_SAMPLE_RATE}–{MAX_SAMPLE_RATE} Hz")
+        raise AudioError(f"{name}: sample rate {int(sample_rate)} Hz is outside {MIN_SAMPLE_RATE}–{MAX_SAMPLE_RATE} Hz",
+                         "sample_rate")
 
 
 def check_samples(audio: np.ndarray, name: str) -> None:
     """Refuse NaN, infinite and absurdly large samples (float files can hold them): they would turn
     loud audio into "silence" or make every probability NaN."""
     if not np.isfinite(audio).all():
-        raise AudioError(f"{name}: audio contains NaN or infinite samples")
+        raise AudioError(f"{name}: audio contains NaN or infinite samples", "bad_samples")
     peak = float(np.abs(audio).max()) if audio.size else 0.0
     if peak > MAX_ABS_SAMPLE:
-        raise AudioError(f"{name}: sample values reach {peak:.3g}; audio is expected within ±1 (at most ±{MAX_ABS_SAMPLE:g})")
+        raise AudioError(f"{name}: sample values reach {peak:.3g}; audio is expected within ±1 (at most ±{MAX_ABS_SAMPLE:g})",
+                         "bad_samples")
 
 
 def to_mono(audio: np.ndarray) -> np.ndarray:
@@ -98,6 +110,6 @@ def load_clip(uri: str, sample_rate: int = 16_000) -> np.ndarray:
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError:
-        raise AudioError(f"{uri}: file not found") from None
+        raise AudioError(f"{uri}: file not found", "not_found") from None
     audio, sr = decode_audio(data, uri)
     return resample(to_mono(audio), sr, sample_rate)

@@ -2,15 +2,22 @@
 
 Checked before anything is opened. Local paths are checked twice: lexically (``os.path.normpath``,
 no filesystem access, so ``/etc/passwd`` or ``root/../x`` are refused without touching the disk) and
-then after ``os.path.realpath`` (so a symlink inside a root that points outside is refused too). The
-resolved path is what the server then reads, so a later symlink swap cannot redirect an accepted URI.
+then after ``os.path.realpath`` (so a symlink inside a root that points outside is refused too).
+
+The resolved path is then opened by ``open``: one directory at a time from the root's descriptor,
+each step with ``O_NOFOLLOW`` (the resolved path has no symlinks, so one found there was swapped in
+after the check: refused), and the file must be a regular file with a single link (a hard link to a
+file outside the root looks like any file inside it). The check and the open cannot disagree.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
+import stat
+from typing import BinaryIO
 
 # a scheme like "http://", "file:", "gs://" (a Windows drive "C:" is not a concern on Linux servers)
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
@@ -29,7 +36,9 @@ class Decision:
 class AccessPolicy:
     """Allowed local roots (directories) and S3 buckets (``name`` or ``name/prefix``)."""
 
-    def __init__(self, roots: list[str] | tuple[str, ...] = (), buckets: list[str] | tuple[str, ...] = ()):
+    def __init__(self, roots: list[str] | tuple[str, ...] = (), buckets: list[str] | tuple[str, ...] = (),
+                 allow_hardlinks: bool = False):
+        self.allow_hardlinks = allow_hardlinks
         # both spellings of each root: the one the user wrote (normalised) and the resolved one
         self.roots = []
         for root in roots:
@@ -54,10 +63,48 @@ class AccessPolicy:
         lexical = os.path.normpath(uri)
         if not any(_under(lexical, norm) or _under(lexical, real) for norm, real in self.roots):
             return Decision(uri, 403, "outside the allowed roots")
-        real = os.path.realpath(uri)  # follows symlinks; reads link metadata only, never file content
+        try:
+            real = os.path.realpath(uri)  # follows symlinks; reads link metadata only, never file content
+        except OSError:  # a link vanished while being resolved
+            return Decision(uri, 403, "changed while being checked")
         if not any(_under(real, root) for _, root in self.roots):
             return Decision(uri, 403, "resolves (via a symlink) outside the allowed roots")
         return Decision(uri, 200, path=real)
+
+    def open(self, path: str) -> BinaryIO:
+        """The allowed local file at ``path`` (a ``Decision.path``), opened without following any link.
+
+        Raises ``PermissionError`` outside the roots, ``OSError(ELOOP)`` when a symlink appeared on
+        the path since the check, ``AudioError`` for a non-regular file or one with other hard links.
+        """
+        from ser_ray.audio.decode import AudioError
+
+        roots = [real for _, real in self.roots if _under(path, real)]
+        if not roots or not os.path.isabs(path):
+            raise PermissionError(errno.EACCES, "outside the allowed roots")
+        root = max(roots, key=len)
+        parts = [p for p in os.path.relpath(path, root).split(os.sep) if p not in ("", ".")]
+        if not parts or ".." in parts:
+            raise PermissionError(errno.EACCES, "outside the allowed roots")
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts[:-1]:
+                next_fd = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = next_fd
+            file_fd = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=fd)
+        finally:
+            os.close(fd)
+        info = os.fstat(file_fd)
+        name = parts[-1]
+        if stat.S_ISREG(info.st_mode) and info.st_nlink > 1 and not self.allow_hardlinks:
+            os.close(file_fd)
+            raise AudioError(f"{name}: has other hard links, which may lead outside the allowed roots; not read",
+                             "access_denied")
+        from ser_ray.annotate.windows import regular_file
+
+        return regular_file(file_fd, name)
 
     def _check_s3(self, uri: str) -> Decision:
         bucket, _, key = uri[len("s3://"):].partition("/")

@@ -10,11 +10,20 @@ HTTP ──► Ingress (FastAPI)                         MemberModel "member-<na
 The ingress runs the same ``annotate_file`` as offline annotation and combines member logits with the
 same ``Bundle.combine``, so an endpoint answer equals the offline answer for the same file.
 
+Every route but ``/healthz`` needs the API key (``ser_ray.serve.auth``), and every route checks the
+``Host`` header against ``allowed_hosts`` (a web page cannot reach a loopback endpoint by DNS
+rebinding); both are checked by an ASGI middleware before any body is read.
+
 ``/annotate`` reads only local paths under ``allowed_roots`` and objects in ``allowed_buckets``
-(``ser_ray.serve.access``). A request naming any URI outside them is rejected as a whole (403, listing
-the offending URIs) before anything is read: a client that sends a bad URI has a bug or is probing,
-and a partial answer would hide that. A URI that is allowed but unreadable or not audio gets an
-``error`` row in a 200 answer, like offline annotation.
+(``ser_ray.serve.access``); local files are opened by walking from the root without following
+symlinks, so a link swapped in after the check cannot redirect the read. A request naming any URI
+outside them is rejected as a whole (403, listing the offending URIs) before anything is read: a
+client that sends a bad URI has a bug or is probing, and a partial answer would hide that. A URI that
+is allowed but unreadable or not audio gets an ``error`` row in a 200 answer, like offline annotation.
+
+Overload: at most ``max_queued_requests`` wait at the ingress (then 503 with ``Retry-After``), member
+calls time out after ``member_timeout_s`` (503), and the HTTP proxy's ``request_timeout_s`` (set by
+``ser-ray serve``) ends any request, a slow upload included.
 
 Build with ``build_app(ServeConfig(...))``, or from a Serve config file with
 ``import_path: ser_ray.serve.app:app_builder`` and ``args: {bundle: ..., allowed_roots: [...]}``.
@@ -27,7 +36,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import types
 import typing
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +48,7 @@ from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle
 
+from ser_ray.serve import auth
 from ser_ray.serve.access import AccessPolicy
 
 logger = logging.getLogger("ray.serve")
@@ -70,10 +79,22 @@ class ServeConfig:
     ingress_replicas: int = 1
     ingress_num_cpus: float = 0.5
     ingress_threads: int = 16  # annotate_file calls running at once per ingress replica
+    ingress_max_ongoing: int = 64  # requests one ingress replica holds at once (uploads being read included)
     # audio length limits, checked from the header before any window is read
     max_duration_s: float = 4 * 3600.0  # a file named in /annotate
     max_upload_duration_s: float = 600.0  # an upload to /predict
     route_prefix: str = "/"
+    # access: the API key's SHA-256 (from api_key_file or SER_RAY_API_KEY when unset); auth=false
+    # serves without a key (only on a network you trust)
+    auth: bool = True
+    api_key_sha256: str | None = None
+    api_key_file: str | None = None
+    allowed_hosts: list[str] = dataclasses.field(default_factory=lambda: ["localhost", "127.0.0.1", "[::1]"])
+    # overload and time limits
+    max_queued_requests: int = 64  # waiting at the ingress beyond its slots; more get 503 + Retry-After
+    retry_after_s: float = 5.0
+    member_timeout_s: float = 120.0  # one member call (a batch of windows)
+    request_timeout_s: float = 900.0  # end to end, applied by the HTTP proxy (ser-ray serve sets it)
 
     @classmethod
     def from_dict(cls, args: dict) -> "ServeConfig":
@@ -225,11 +246,6 @@ def _not_audio(data: bytes, name: str) -> str | None:
     return None
 
 
-def _safe_suffix(name: str) -> str:
-    suffix = os.path.splitext(name)[1].lower()
-    return suffix if re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) else ".audio"
-
-
 def _clean(value):
     """JSON-safe scalars: numpy -> Python, NaN -> None."""
     if isinstance(value, np.generic):
@@ -243,6 +259,58 @@ def _clean_row(row: dict) -> dict:
     return {k: _clean(v) for k, v in row.items()}
 
 
+class _Access:
+    """The per-replica access settings the middleware checks (set by ``Ingress.__init__``)."""
+
+    def __init__(self, config: ServeConfig):
+        self.auth = config.auth
+        self.key_sha256 = config.api_key_sha256
+        self.hosts = {h.lower() for h in config.allowed_hosts}
+
+    def refusal(self, scope) -> JSONResponse | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = headers.get("host", "")
+        hostname = host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+        if "*" not in self.hosts and hostname.lower() not in self.hosts:
+            return JSONResponse(status_code=421, content={"detail": "this endpoint does not serve that Host name"})
+        if scope.get("path", "").rstrip("/").endswith("/healthz"):
+            return None
+        if self.auth and not auth.key_matches(auth.presented_key(headers), self.key_sha256 or ""):
+            return JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"}, content={
+                "detail": "missing or wrong API key: send 'Authorization: Bearer <key>' (the key is in "
+                          f"${auth.ENV} or the server's key file)"})
+        return None
+
+
+_ACCESS: _Access | None = None  # one ingress replica per process
+
+
+def _set_access(access: _Access) -> None:
+    # a module function, not code in Ingress: the Ingress class is pickled by value, so a `global`
+    # statement in its methods would write to a copy of this module's globals
+    global _ACCESS
+    _ACCESS = access
+
+
+class _AccessMiddleware:
+    """Host allow-list and API key, checked before the route runs (and before any body is read)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refusal = _ACCESS.refusal(scope) if _ACCESS is not None else JSONResponse(
+                status_code=503, content={"detail": "starting"})
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(_AccessMiddleware)
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
@@ -250,6 +318,9 @@ class Ingress:
         from ser_ray.ensemble.bundle import load_bundle
 
         self.config = ServeConfig.from_dict(config)
+        if self.config.auth and not self.config.api_key_sha256:
+            raise ValueError("the endpoint needs an API key (build it with build_app)")
+        _set_access(_Access(self.config))
         self.policy = AccessPolicy(self.config.allowed_roots, self.config.allowed_buckets)
         self.bundle = load_bundle(self.config.bundle, device="cpu")  # for labels and combine()
         self.annotate_config = self.config.annotate_config(self.bundle)
@@ -272,10 +343,11 @@ class Ingress:
         step = self.config.max_batch_size
         chunks = [waves[s:s + step] for s in range(0, len(waves), step)]
         pending = [[m.logits.remote(c) for c in chunks] for m in self.members]
-        logits = [np.concatenate([r.result() for r in responses]) for responses in pending]
+        timeout = self.config.member_timeout_s
+        logits = [np.concatenate([r.result(timeout_s=timeout) for r in responses]) for responses in pending]
         return self.bundle.combine(logits)
 
-    def _annotate(self, path: str, uri: str, config=None) -> tuple[dict, list[dict]]:
+    def _annotate(self, path: str, uri: str, config=None, opener=None) -> tuple[dict, list[dict]]:
         """``annotate_file`` through the member deployments; rows name ``uri`` (what the client sent).
 
         ``annotate_file`` turns any exception into an error row. A failing member deployment is not a
@@ -291,9 +363,11 @@ class Ingress:
                 return self.predict_proba(waves)
             except Exception as exc:
                 failures.append(exc)
-                raise
+                # not an OSError (a member timeout is one): annotate_file must not retry it as storage
+                raise _MembersUnavailable(type(exc).__name__) from None
 
-        file_row, segments = annotate_file(path, predict_proba, config or self.annotate_config)
+        file_row, segments = annotate_file(path, predict_proba, config or self.annotate_config,
+                                           opener=opener or self.policy.open)
         if failures:
             logger.error("model deployments failed while annotating %s: %r", uri, failures[0])
             raise _MembersUnavailable(f"model deployments failed ({type(failures[0]).__name__}); retry later")
@@ -304,18 +378,45 @@ class Ingress:
         segments = [dict(s, uri=uri) for s in segments]
         return file_row, segments
 
-    async def _in_thread(self, fn, *args):
+    async def _in_thread(self, fn, *args, share: asyncio.Semaphore | None = None):
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+            if share is None:
+                return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+            async with share:
+                return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
         except _MembersUnavailable as exc:
-            raise HTTPException(503, str(exc)) from None
+            raise HTTPException(503, str(exc), headers={"Retry-After": f"{self.config.retry_after_s:.0f}"}) from None
+
+    def _probe_members(self) -> dict[str, str]:
+        """Each member's answer to one silent window: ``ok`` or the error's type."""
+        samples = int(round(self.annotate_config.window_s * self.annotate_config.sample_rate))
+        window = np.zeros((1, samples), dtype=np.float32)
+        calls = {m.name: handle.logits.remote(window) for m, handle in zip(self.bundle.members, self.members)}
+        states = {}
+        for name, call in calls.items():
+            try:
+                out = np.asarray(call.result(timeout_s=min(10.0, self.config.member_timeout_s)))
+                states[name] = "ok" if out.shape == (1, len(self.labels)) and np.isfinite(out).all() else "bad output"
+            except Exception as exc:
+                states[name] = type(exc).__name__
+        return states
 
     # -- routes -----------------------------------------------------------------------------
     @api.get("/healthz")
-    def healthz(self) -> dict:
-        return {"status": "ok", "members": [m.name for m in self.bundle.members], "labels": self.labels,
+    async def healthz(self):
+        """200 when every member answers a probe window within 10 s, else 503 naming the failing ones."""
+        members = await asyncio.to_thread(self._probe_members)
+        ok = all(state == "ok" for state in members.values())
+        body = {"status": "ok" if ok else "unavailable", "members": [m.name for m in self.bundle.members],
+                "member_status": members, "labels": self.labels,
                 "limits": {"max_upload_mb": self.config.max_upload_mb, "max_duration_s": self.config.max_duration_s,
-                           "max_upload_duration_s": self.config.max_upload_duration_s}}
+                           "max_upload_duration_s": self.config.max_upload_duration_s,
+                           "max_uris_per_request": self.config.max_uris_per_request,
+                           "max_queued_requests": self.config.max_queued_requests,
+                           "member_timeout_s": self.config.member_timeout_s,
+                           "request_timeout_s": self.config.request_timeout_s},
+                "auth": "api-key" if self.config.auth else "none"}
+        return JSONResponse(status_code=200 if ok else 503, content=body)
 
     @api.get("/labels")
     def get_labels(self) -> dict:
@@ -377,13 +478,9 @@ class Ingress:
         }
 
     def _annotate_bytes(self, data: bytes, name: str) -> tuple[dict, list[dict]]:
-        safe = re.sub(r"[^A-Za-z0-9_.\-]", "_", os.path.splitext(name)[0])[:64] or "upload"
-        with tempfile.TemporaryDirectory(prefix="ser-ray-upload-") as tmp:
-            path = os.path.join(tmp, safe + _safe_suffix(name))
-            with open(path, "wb") as f:
-                f.write(data)
-            upload = dataclasses.replace(self.annotate_config, max_duration_s=self.config.max_upload_duration_s)
-            return self._annotate(path, name, upload)
+        # read from memory: nothing is written to disk, nothing is left behind by a killed replica
+        upload = dataclasses.replace(self.annotate_config, max_duration_s=self.config.max_upload_duration_s)
+        return self._annotate(name, name, upload, opener=lambda _: io.BytesIO(data))
 
     @api.post("/annotate")
     async def annotate(self, body: AnnotateRequest):
@@ -393,18 +490,21 @@ class Ingress:
         if len(body.uris) > self.config.max_uris_per_request:
             raise HTTPException(413, f"{len(body.uris)} URIs in one request; send at most "
                                      f"{self.config.max_uris_per_request} per request")
-        decisions = [self.policy.check(uri) for uri in body.uris]
+        uris = list(dict.fromkeys(body.uris))  # a repeated URI is annotated (and answered) once
+        decisions = [self.policy.check(uri) for uri in uris]
         refused = [d for d in decisions if d.status != 200]
         if refused:
-            # nothing is read when any URI is refused (see the module docstring)
+            # nothing is read when any URI is refused (see the module docstring); the answer does not
+            # name the allowed roots or buckets: that is the server's business
             status = 403 if any(d.status == 403 for d in refused) else 400
             return JSONResponse(status_code=status, content={
-                "detail": f"{len(refused)} of {len(decisions)} URIs refused; nothing was read. "
-                          f"Allowed: local paths under {self.policy.describe()['roots']} and "
-                          f"s3:// objects in {self.policy.describe()['buckets']}",
+                "detail": f"{len(refused)} of {len(decisions)} URIs refused; nothing was read",
                 "refused": [{"uri": d.uri, "reason": d.reason} for d in refused],
             })
-        results = await asyncio.gather(*[self._in_thread(self._annotate, d.path, d.uri) for d in decisions])
+        # one request gets at most half the annotation threads, so a big batch cannot starve others
+        share = asyncio.Semaphore(max(1, self.config.ingress_threads // 2))
+        results = await asyncio.gather(*[self._in_thread(self._annotate, d.path, d.uri, share=share)
+                                         for d in decisions])
         return {
             "files": [_clean_row(f) for f, _ in results],
             "segments": [_clean_row(s) for _, segs in results for s in segs],
@@ -432,8 +532,21 @@ def _deployment_name(name: str) -> str:
     return "member-" + re.sub(r"[^A-Za-z0-9_\-]", "-", str(name))
 
 
+def with_api_key(config: ServeConfig) -> ServeConfig:
+    """``config`` with ``api_key_sha256`` filled in from ``api_key_file`` or ``SER_RAY_API_KEY``, or a
+    clear error when authentication is on and there is no key."""
+    if not config.auth or config.api_key_sha256:
+        return config
+    key = auth.resolve_key(key_file=config.api_key_file)
+    if key is None:
+        raise ValueError(f"the endpoint needs an API key: set {auth.ENV}, api_key_file (--api-key-file), or "
+                         f"create {auth.DEFAULT_KEY_FILE}; or serve with auth=false (--no-auth) on a trusted network")
+    return dataclasses.replace(config, api_key_sha256=auth.digest(key), api_key_file=None)
+
+
 def build_app(config: ServeConfig) -> Application:
     """The Serve application for ``config``: ``serve.run(build_app(cfg), route_prefix=cfg.route_prefix)``."""
+    config = with_api_key(config)
     device = "cuda" if config.num_gpus > 0 else "cpu"
     actor = {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus}
     members = []
@@ -447,11 +560,15 @@ def build_app(config: ServeConfig) -> Application:
                 max_ongoing_requests=2 * config.max_batch_size,
             ).bind(config.bundle, index, config.max_batch_size, config.batch_wait_timeout_s, device)
         )
+    from ray.serve.config import BackpressureConfig
+
     return Ingress.options(
         name="ingress",
         num_replicas=config.ingress_replicas,
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
-        max_ongoing_requests=max(64, 4 * config.ingress_threads),
+        max_ongoing_requests=config.ingress_max_ongoing,
+        max_queued_requests=config.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s),
     ).bind(dataclasses.asdict(config), members)
 
 

@@ -2,7 +2,8 @@
 
 ``ser-ray serve --bundle PATH [--port 8000] [--host 127.0.0.1] [--allow-root DIR ...]
 [--allow-bucket NAME ...] [--address ADDR]``: starts (or joins, with ``--address``) Ray, starts Serve
-on ``host:port`` and serves ``ser_ray.serve.app.build_app`` until Ctrl-C.
+on ``host:port`` and serves ``ser_ray.serve.app.build_app`` until Ctrl-C. Clients need the API key
+(``ser_ray.serve.auth``; created in ``~/.config/ser-ray/api-key`` on first use when none is set).
 
 The same app deploys from ``serve_config.yaml`` with ``serve run serve_config.yaml`` or
 ``serve deploy serve_config.yaml`` (import path ``ser_ray.serve.app:app_builder``).
@@ -43,12 +44,40 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "serve") 
     parser.add_argument("--hop-s", type=float, default=1.5, help="hop between windows in seconds")
     parser.add_argument("--vad", choices=["energy", "none"], default="energy")
     parser.add_argument("--route-prefix", default="/")
+    access = parser.add_argument_group("access")
+    access.add_argument("--api-key-file", default=None,
+                        help="file holding the API key clients must send (default: $SER_RAY_API_KEY, else "
+                             "~/.config/ser-ray/api-key, created with a random key if missing)")
+    access.add_argument("--no-auth", action="store_true",
+                        help="serve without an API key (only on a network where every client is trusted)")
+    access.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="Host header the endpoint answers (repeatable; default: localhost names when "
+                             "--host is loopback, any otherwise); refuses DNS-rebinding pages")
+    limits = parser.add_argument_group("overload and time limits")
+    limits.add_argument("--request-timeout-s", type=float, default=900.0,
+                        help="end-to-end limit of one HTTP request, upload included (408 after it)")
+    limits.add_argument("--max-queued-requests", type=int, default=64,
+                        help="requests waiting at the ingress beyond its slots; more get 503 with Retry-After")
+    limits.add_argument("--member-timeout-s", type=float, default=120.0,
+                        help="limit of one model call (a batch of windows); a member slower than this gives 503")
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def config_from_args(args: argparse.Namespace):
+    from ser_ray.serve import auth
     from ser_ray.serve.app import ServeConfig
 
+    key = None if args.no_auth else auth.resolve_key(key_file=args.api_key_file, create=True)
+    hosts = args.allow_host or (["localhost", "127.0.0.1", "[::1]"] if args.host in _LOOPBACK else ["*"])
     return ServeConfig(
+        auth=not args.no_auth,
+        api_key_sha256=auth.digest(key) if key else None,
+        allowed_hosts=hosts,
+        request_timeout_s=args.request_timeout_s,
+        max_queued_requests=args.max_queued_requests,
+        member_timeout_s=args.member_timeout_s,
         bundle=args.bundle,
         # resolved here, in the user's working directory, not in the replica's
         allowed_roots=[str(Path(root).expanduser().resolve()) for root in args.allow_root],
@@ -65,6 +94,20 @@ def config_from_args(args: argparse.Namespace):
         vad=args.vad,
         route_prefix=args.route_prefix,
     )
+
+
+def check_listening(host: str, port: int) -> None:
+    """Serve ignores new HTTP options when it already runs on the cluster (``--address``): fail
+    clearly instead of claiming to serve on a host/port nobody listens on."""
+    import httpx
+
+    probe = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    probe = f"[{probe}]" if ":" in probe else probe
+    try:
+        httpx.get(f"http://{probe}:{port}/-/healthz", timeout=10)
+    except httpx.TransportError:
+        raise SystemExit(f"nothing listens on {host}:{port}: Serve already runs on this cluster with other HTTP "
+                         "options; stop it (`serve shutdown`) or use its host and port") from None
 
 
 def _stop_on_signals() -> None:
@@ -93,10 +136,15 @@ def run(args: argparse.Namespace) -> int:
     # "local" starts a fresh Ray even when a stale cluster address file exists (RAY-NOTES)
     ray.init(address=args.address or "local", include_dashboard=False)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        log.info("serving %s on http://%s:%d%s (Ctrl-C stops)", config.bundle, args.host, args.port,
-                 config.route_prefix)
-        serve.run(build_app(config), name="ser-ray", route_prefix=config.route_prefix, blocking=True)
+        serve.start(http_options={"host": args.host, "port": args.port,
+                                  "request_timeout_s": config.request_timeout_s})
+        serve.run(build_app(config), name="ser-ray", route_prefix=config.route_prefix, blocking=False)
+        check_listening(args.host, args.port)
+        log.info("serving %s on http://%s:%d%s (Ctrl-C stops); clients send 'Authorization: Bearer <key>' %s",
+                 config.bundle, args.host, args.port, config.route_prefix,
+                 "(auth is OFF)" if args.no_auth else "with the key from $SER_RAY_API_KEY or the key file")
+        while True:
+            signal.pause()
     except KeyboardInterrupt:
         log.info("stopping: shutting down Serve and Ray")
     finally:
