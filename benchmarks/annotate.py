@@ -108,7 +108,8 @@ def run_endpoint(archive: str, bundle_dir: str, output: str, config: AnnotateCon
     members = len(load_bundle(bundle_dir).members)
     serve_config = ServeConfig(bundle=bundle_dir, allowed_roots=[archive], hop_s=config.hop_s, vad=config.vad,
                                window_s=config.window_s, num_cpus=max(0.25, (cpus - 0.5) / members),
-                               ingress_num_cpus=0.5, ingress_threads=8)
+                               ingress_num_cpus=0.5, ingress_threads=8,
+                               auth=False)  # loopback benchmark: no API key
     shutil.rmtree(output, ignore_errors=True)
     start = time.perf_counter()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

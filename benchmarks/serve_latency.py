@@ -146,7 +146,8 @@ def main() -> None:
     member_cpus = args.member_cpus or max(0.25, (args.cpus - 0.5) / len(families))
     config = ServeConfig(bundle=bundle, max_batch_size=args.max_batch_size,
                          batch_wait_timeout_s=args.batch_wait_timeout_s, num_cpus=member_cpus,
-                         ingress_num_cpus=0.5, ingress_threads=max(8, args.clients))
+                         ingress_num_cpus=0.5, ingress_threads=max(8, args.clients),
+                         auth=False)  # loopback benchmark: no API key
     data = clip_wav(args.clip_s)
     torch.set_num_threads(args.cpus)
     floor = in_process_latency(bundle, data)

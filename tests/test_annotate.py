@@ -393,6 +393,58 @@ def test_kill_and_resume_s3(ray_session, s3_bucket, tmp_path, bundle_dir):
     assert (files["status"] == "ok").sum() == 5 and len(segs) == files["n_segments"].sum()
 
 
+def test_a_file_that_kills_its_worker_gets_a_row_and_the_run_ends(ray_session, tmp_path, bundle_dir):
+    """Ray Data restarts a dead actor and retries its task forever by default: a file that kills its
+    worker (decoder crash, OOM killer) made the run never end, with no row. Here the worker reading
+    one file is SIGKILLed on every attempt; the run still ends, with a worker_crashed row for it."""
+    import threading
+
+    from ser_ray.annotate.offline import annotate_archive
+
+    archive = tmp_path / "in"
+    archive.mkdir()
+    sf.write(archive / "a-good.wav", noise(3.0, 16_000, seed=1), 16_000)
+    sf.write(archive / "b-deadly.wav", noise(600.0, 16_000, seed=2), 16_000)  # long: time to kill it
+    sf.write(archive / "c-good.wav", noise(3.0, 16_000, seed=3), 16_000)
+    deadly = str(archive / "b-deadly.wav")
+    out = tmp_path / "out"
+    entry = hashlib.sha1(deadly.encode()).hexdigest()
+    stop, killed, result = threading.Event(), [], {}
+
+    def killer():  # plays the crashing decoder: kill whichever worker starts the deadly file
+        while not stop.is_set():
+            for path in out.glob(f"_attempts/*/{entry}"):
+                try:
+                    count, pid = path.read_text().split()
+                except (OSError, ValueError):
+                    continue
+                pid = int(pid.removeprefix("pid="))
+                if int(count) <= 2 and pid not in killed:
+                    killed.append(pid)
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+
+    def run():
+        result["summary"] = annotate_archive(str(archive), str(out), bundle_dir, AnnotateConfig(hop_s=0.5),
+                                             batch_files=1, num_actors=1, progress=False, max_attempts=2)
+
+    watcher, runner = threading.Thread(target=killer), threading.Thread(target=run)
+    watcher.start()
+    runner.start()
+    runner.join(timeout=400)
+    stop.set()
+    watcher.join()
+    assert not runner.is_alive(), "the run did not end"
+    assert len(killed) == 2
+    files, _ = ResultWriter(str(out)).read_tables()
+    rows = files.set_index("uri")
+    assert rows.loc[deadly, "status"] == "error" and rows.loc[deadly, "error_code"] == "worker_crashed"
+    assert "gave up after 2 attempts" in rows.loc[deadly, "error"]
+    assert (rows.drop(deadly)["status"] == "ok").all() and len(rows) == 3
+    assert not list(out.glob("_attempts/*"))  # the run's journal is removed when it ends
+    _wait_for_free_cpus()
+
+
 # -- accuracy, memory, plots ----------------------------------------------------------------------
 def test_window_accuracy_on_hand_made_frames():
     timeline = pd.DataFrame(

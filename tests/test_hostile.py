@@ -86,6 +86,13 @@ def test_tiny_rates_and_too_many_channels_are_refused_before_any_work(tmp_path):
     assert row["status"] == "ok" and len(segments) == 2
 
 
+def test_windows_per_file_are_capped_before_any_work(tmp_path):
+    path = _wav(tmp_path / "long.wav", np.zeros(16_000 * 30), 16_000, subtype="PCM_16")
+    config = AnnotateConfig(window_s=1.0, hop_s=0.01, vad="none", labels=LABELS, max_windows=1000)
+    row, _ = annotate_file(path, uniform, config)  # 30 s every 10 ms: 2,901 windows
+    assert row["error_code"] == "too_long" and "2901 windows" in row["error"] and row["n_windows"] == 0
+
+
 def test_non_finite_probabilities_never_become_a_label(tmp_path):
     path = _wav(tmp_path / "fine.wav", 0.1 * np.ones(16_000), 16_000, subtype="PCM_16")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import types
 
 import httpx
@@ -475,3 +476,69 @@ def test_slow_uploads_cannot_hold_the_endpoint(served):
         for sock in sockets:
             sock.close()
     assert_still_serving(served)
+
+
+class _ScriptedEndpoint:
+    """A stand-in /annotate that answers from a script: (status, headers) per request, then 200 rows."""
+
+    def __init__(self, script):
+        import http.server
+        import json
+        import threading
+
+        self.script, self.times = list(script), []
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                uris = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["uris"]
+                endpoint.times.append(time.perf_counter())
+                status, headers = endpoint.script.pop(0) if endpoint.script else (200, {})
+                body = {"files": [{"uri": u, "status": "ok", "error": None, "duration_s": 1.0, "label": "anger",
+                                   "n_segments": 0, "n_windows": 1} for u in uris], "segments": []}
+                data = json.dumps(body if status == 200 else {"detail": "busy"}).encode()
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_client_honours_retry_after_and_stops_at_once_on_a_fatal_answer(tmp_path):
+    from ser_ray.serve.client import EndpointError, annotate_via_endpoint
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for i in range(4):
+        (archive / f"{i}.wav").write_bytes(b"x")
+    endpoint = _ScriptedEndpoint([(503, {"Retry-After": "2"})])  # overloaded once, asks for 2 s
+    summary = annotate_via_endpoint(str(archive), str(tmp_path / "out"), endpoint.url, batch_files=4,
+                                    concurrency=1, progress=False, api_key="k")
+    assert summary["n_ok"] == 4 and endpoint.times[1] - endpoint.times[0] >= 1.9  # not the 1 s backoff
+    endpoint.server.shutdown()
+
+    # one batch is refused for good (401) while the others are told to come back in 60 s
+    endpoint = _ScriptedEndpoint([(401, {})] + [(503, {"Retry-After": "60"})] * 3)
+    start = time.perf_counter()
+    with pytest.raises(EndpointError, match="401"):
+        annotate_via_endpoint(str(archive), str(tmp_path / "out2"), endpoint.url, batch_files=1, concurrency=4,
+                              progress=False, api_key="k")
+    assert time.perf_counter() - start < 10  # the 60 s waits were not sat out
+    endpoint.server.shutdown()
+
+
+def test_serve_cli_fails_clearly_when_nothing_listens_where_it_claims():
+    """Serve keeps its first HTTP options when it already runs on a cluster: --host/--port were ignored
+    silently. The CLI now checks that the address answers."""
+    from ser_ray.serve.commands import check_listening
+
+    with pytest.raises(SystemExit, match=f"nothing listens on 127.0.0.1:{(port := free_port())}"):
+        check_listening("127.0.0.1", port)

@@ -42,6 +42,8 @@ class AnnotateConfig:
     max_file_mb: float = 4096.0  # larger inputs get an error row instead of being read
     # longer recordings get an error row before any window is read (a few KB of FLAC can hold hours)
     max_duration_s: float | None = None
+    # windows one file may make (a tiny hop_s over a long file multiplies the model work)
+    max_windows: int | None = 20_000
     sample_rate: int = 16_000
     labels: tuple[str, ...] = ()  # empty: taken from ``predict_proba.__self__.labels`` (a Bundle)
     # none | file | auto: file standardises each member's features over the recording's own speech
@@ -207,6 +209,10 @@ def _annotate(uri: str, predict_proba: PredictProba, config: AnnotateConfig, lab
             if config.max_duration_s and info.duration_s > config.max_duration_s:
                 raise AudioError(f"{name}: {info.duration_s:.0f} s of audio is over the limit of "
                                  f"{config.max_duration_s:g} s (max_duration_s)", "too_long")
+            windows = 1 + max(0, int(np.ceil((info.duration_s - config.window_s) / config.hop_s)))
+            if config.max_windows and windows > config.max_windows:
+                raise AudioError(f"{name}: {info.duration_s:.0f} s at hop_s={config.hop_s:g} would be {windows} windows, "
+                                 f"over the limit of {config.max_windows} (max_windows)", "too_long")
             try:
                 for start, end, wave in iter_windows(f, config.window_s, config.hop_s, sr_out, name=name):
                     n_windows += 1
