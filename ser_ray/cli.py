@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from ser_ray.errors import UserError
+
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("ser_ray.corpora.commands", "generate the embedded synthetic CREMA-D-shaped corpus"),
@@ -28,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("ser_ray.report.commands", "render the HTML report of a result directory"),
     "demo": ("ser_ray.demo", "the whole system end to end on the embedded corpus"),
 }
+
+
+# errors of input the user gave (files, config keys, values); anything else is a bug and keeps its traceback
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, UserError)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -54,7 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     module = importlib.import_module(COMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except USER_ERRORS as exc:
+        if args.verbose:
+            raise
+        # a missing file, an unknown key or a bad value is the user's to fix: one line, no traceback
+        print(f"ser-ray {args.command}: error: {exc} (-v shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -115,3 +115,29 @@ def test_tune_job_runs_under_ray_job_submit(ray_head, tmp_path):
         assert meta.family == family
     assert (experiment / "search_curves.png").stat().st_size > 0
     assert f"{len(table)} trial(s)" in logs
+
+    # the user's path on: the experiment alone names the models and the split to ensemble them on
+    from ser_ray.annotate.writer import ResultWriter
+    from ser_ray.cli import main
+
+    split = pd.read_parquet(experiment / "split.parquet")
+    sides = {name: set(split.loc[split["split"] == name, "speaker"]) for name in ("train", "val", "test")}
+    assert all(sides.values()) and not (sides["train"] & sides["val"] or sides["train"] & sides["test"]
+                                        or sides["val"] & sides["test"])
+    bundle = tmp_path / "bundle"
+    assert main(["ensemble", "--from", str(experiment), "--out", str(bundle)]) == 0
+    metrics = json.loads((bundle / "ensemble_metrics.json").read_text())
+    assert metrics["test"]["ensemble"]["ua"] >= 0.0
+    assert len(json.loads((bundle / "bundle.json").read_text())["members"]) == len(families)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for path in split[split["split"] == "test"]["path"][:3]:
+        (archive / Path(path).name).write_bytes(Path(path).read_bytes())
+    labels = tmp_path / "labels"
+    assert main(["annotate", "--input", str(archive), "--output", str(labels), "--bundle", str(bundle),
+                 "--batch-files", "2"]) == 0
+    files, _ = ResultWriter(str(labels)).read_tables()
+    assert len(files) == 3 and (files["status"] == "ok").all()
+    # a user error is one line and exit code 2, not a traceback
+    assert main(["ensemble", "--from", str(experiment), "--out", str(tmp_path / "b2"),
+                 "--manifest", str(tmp_path / "missing.parquet")]) == 2

@@ -23,13 +23,14 @@ import threading
 import uuid
 
 from ser_ray import storage
+from ser_ray.errors import UserError
 
 log = logging.getLogger(__name__)
 
 LOCK_TTL_S = 120.0
 
 
-class OutputBusy(RuntimeError):
+class OutputBusy(UserError, RuntimeError):
     """Another run holds the output's lock."""
 
 

@@ -13,10 +13,12 @@ log = logging.getLogger(__name__)
 def add_arguments(parser, command_name: str = "ensemble") -> None:
     parser.add_argument(
         "--from", dest="sources", nargs="+", required=True,
-        help="a tune experiment directory holding best.json, or one or more model/checkpoint directories",
+        help="a tune experiment directory (its best.json and split.parquet are all it needs), or one or more "
+             "model/checkpoint directories (then pass --manifest)",
     )
     parser.add_argument("--out", required=True, help="bundle directory or s3:// prefix to write")
-    parser.add_argument("--manifest", help="manifest with a `split` column (val rows fit, test rows evaluate)")
+    parser.add_argument("--manifest", help="manifest with a `split` column (val rows fit, test rows evaluate); "
+                                           "default: the experiment's split.parquet")
     parser.add_argument("--device", default="cpu")
 
 
@@ -39,7 +41,10 @@ def run(args) -> int:
     dirs, best = model_dirs_from(args.sources)
     manifest_path = args.manifest or next((e.get("manifest") for e in best.values() if isinstance(e, dict) and e.get("manifest")), None)
     if not manifest_path:
-        raise SystemExit("ser-ray ensemble: pass --manifest FILE (a manifest with a `split` column)")
+        raise SystemExit("ser-ray ensemble: pass --manifest FILE (a manifest with a `split` column); experiments "
+                         "searched before split.parquet existed do not record their split")
+    if not storage.exists(manifest_path):
+        raise FileNotFoundError(f"manifest {manifest_path} does not exist")
     manifest = read_manifest(manifest_path)
     if "split" not in manifest:
         raise SystemExit(f"{manifest_path}: no `split` column; run `ser-ray splits` first")

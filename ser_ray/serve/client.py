@@ -25,12 +25,13 @@ import httpx
 from ser_ray.annotate.core import file_row
 from ser_ray.annotate.listing import list_archive
 from ser_ray.annotate.writer import ResultWriter
+from ser_ray.errors import UserError
 from ser_ray.serve.auth import client_headers
 
 log = logging.getLogger(__name__)
 
 
-class EndpointError(RuntimeError):
+class EndpointError(UserError, RuntimeError):
     """The endpoint refused a batch (4xx) or kept failing; the message carries its answer."""
 
 

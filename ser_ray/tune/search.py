@@ -18,6 +18,7 @@ with ``run_search(..., resume=True)``), ``train/`` (the trials' Train runs and c
 
     trials.parquet, trials.csv   every trial: id, family, params, best val UA/WA/F1, epochs, stop reason
     best.json                    per family: best trial (on validation), its val and test metrics, model dir
+    split.parquet                the manifest rows the search used, with `split` train/val/test
     best/<family>/model/         that model in the save_model layout
     search_curves.png            val UA of every trial over time
     param_importances.png        Optuna (fANOVA) importances per family
@@ -158,6 +159,9 @@ class SearchData:
     resources: dict[str, dict]  # family -> {cpu, gpu}
     use_gpu: bool
     train_storage: str  # where the trials' Train runs go
+    # the manifest rows (label-mapped) with `split` train/val/test: what `ser-ray ensemble --from`
+    # fits and evaluates on, saved as <experiment>/split.parquet
+    split_manifest: pd.DataFrame | None = None
 
 
 def load_search_data(cfg: SearchConfig, *, use_gpu: bool = False) -> SearchData:
@@ -201,8 +205,11 @@ def load_search_data(cfg: SearchConfig, *, use_gpu: bool = False) -> SearchData:
             split = [p.merge(feats, on="path", how="inner", validate="one_to_one") for p in parts]
             by_key[feature_config.key()] = SplitFrames(*split, feature_config=feature_config)
         frames[family] = by_key[feature_config.key()]
+    split_manifest = pd.concat([p[list(MANIFEST_COLUMNS)].assign(split=name)
+                                for name, p in zip(("train", "val", "test"), parts)], ignore_index=True)
     return SearchData(
         labels=labels,
+        split_manifest=split_manifest,
         frames=frames,
         base_train=dict(cfg.train),
         max_epochs=cfg.max_epochs,
@@ -448,6 +455,12 @@ def write_best(table: pd.DataFrame, data: SearchData | None, cfg: SearchConfig) 
     from ser_ray.models import load_model, save_model
 
     best = {}
+    split_path = None
+    if data is not None and data.split_manifest is not None:
+        # the search's own split, so `ser-ray ensemble --from EXPERIMENT` fits on the same validation
+        # speakers and tests on the same held-out ones, with no other input
+        split_path = storage.join(cfg.experiment_path, "split.parquet")
+        storage.write_parquet(split_path, data.split_manifest)
     for family, row in best_per_family(table).items():
         model_dir = storage.join(cfg.experiment_path, "best", family, "model")
         model, meta = load_model(row["checkpoint_path"])
@@ -464,6 +477,8 @@ def write_best(table: pd.DataFrame, data: SearchData | None, cfg: SearchConfig) 
             "labels": meta.labels,
             "feature_config": meta.feature_config.to_dict(),
         }
+        if split_path:
+            entry["manifest"] = split_path
         if cfg.evaluate_test and data is not None:
             from ser_ray.train.evaluate import predict
             from ser_ray.train.metrics import classification_metrics
@@ -481,7 +496,8 @@ def write_best(table: pd.DataFrame, data: SearchData | None, cfg: SearchConfig) 
             entry["gain_over_default_val_ua"] = float(row["best_val_ua"] - default["best_val_ua"])
         best[family] = entry
     summary = {"metric": cfg.metric, "selection": "validation", "families": best,
-               "experiment": cfg.experiment_path, "n_trials": int(len(table))}
+               "experiment": cfg.experiment_path, "n_trials": int(len(table)), "manifest": split_path,
+               "split": {"protocol": cfg.data.protocol, "test_fold": cfg.data.test_fold, "leaky": False}}
     blob = json.dumps({**best, "_search": summary}, indent=1, default=_json_default).encode()
     storage.write_bytes(storage.join(cfg.experiment_path, "best.json"), blob)
     return best
