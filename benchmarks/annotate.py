@@ -100,7 +100,7 @@ def run_endpoint(archive: str, bundle_dir: str, output: str, config: AnnotateCon
     from ray import serve
 
     from ser_ray.serve.app import ServeConfig, build_app
-    from ser_ray.serve.client import annotate_via_endpoint
+    from ser_ray.annotate.endpoint import annotate_via_endpoint
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -303,7 +303,7 @@ def serve_uploads(bundle: str, archive: Path, uploads: list[Path], warm_up: Path
     from ray import serve
 
     from ser_ray.serve.app import ServeConfig, build_app
-    from ser_ray.serve.auth import digest
+    from ser_ray.auth import digest
 
     key = secrets.token_urlsafe(24)
     # 0.5 + 0.5 + 0.25 CPUs: the three replicas fit on the 2 CPUs this Ray was given

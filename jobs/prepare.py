@@ -6,15 +6,14 @@
 
 import argparse
 import logging
-import os
 
-import ray
 
 from ser_ray.corpora import build_manifest
 from ser_ray.corpora.manifest import write_manifest
 from ser_ray.features.config import FeatureConfig
 from ser_ray.features.pipeline import prepare
 from ser_ray import storage
+from ser_ray.session import connect
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--corpus", required=True, choices=["cremad", "ravdess", "emodb", "synthetic"])
@@ -25,7 +24,7 @@ args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 # Under `ray job submit` (or with RAY_ADDRESS set) join the cluster; otherwise start a local Ray.
-ray.init(address="auto" if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID") else "local")
+connect()
 
 manifest, report = build_manifest(args.corpus, args.root)
 write_manifest(manifest, storage.join(args.out, "manifest.parquet"))

@@ -10,10 +10,9 @@ writes model/, metrics.json, predictions.parquet, folds.json and PNGs under --ou
 
 import argparse
 import logging
-import os
 
-import ray
 
+from ser_ray.session import connect
 from ser_ray.train.config import load_config
 from ser_ray.train.cv import run_cv
 
@@ -26,7 +25,7 @@ args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 # Under `ray job submit` (or with RAY_ADDRESS set) join the cluster; otherwise start a local Ray.
-ray.init(address="auto" if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID") else "local")
+connect()
 
 config = load_config(args.config, args.overrides)
 fold = config.data.test_fold if args.fold is None else args.fold

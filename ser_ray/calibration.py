@@ -1,4 +1,5 @@
-"""Calibration by likelihood: the temperature of a softmax, and the negative log-likelihood it minimises.
+"""Calibration by likelihood: the temperature of a softmax, the negative log-likelihood it minimises,
+and the simplex weights of a mixture of calibrated members.
 
 Used by classical models (their logit scale, out of fold) and by ensembles (each member's temperature
 on validation data); kept below both so neither imports the other.
@@ -6,9 +7,11 @@ on validation data); kept below both so neither imports the other.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax
+from scipy.optimize import minimize, minimize_scalar
+from scipy.special import log_softmax, softmax
 
 _EPS = 1e-12
 
@@ -27,3 +30,30 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds: tuple[float, floa
 
     res = minimize_scalar(loss, bounds=tuple(np.log(bounds)), method="bounded")
     return float(np.exp(res.x))
+
+
+def label_ids(values: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = sorted(set(values) - set(index))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not among the bundle labels {list(labels)}; apply the label map first")
+    return np.array([index[v] for v in values], dtype=np.int64)
+
+
+def fit_weights(member_probs: Sequence[np.ndarray], y: np.ndarray) -> np.ndarray:
+    """Simplex weights minimising the NLL of ``sum_k w_k * probs_k`` (``w = softmax(theta)``)."""
+    stack = np.stack([np.asarray(p, dtype=np.float64) for p in member_probs])  # [K, N, L]
+    picked = stack[:, np.arange(len(y)), y]  # [K, N]: each member's probability of the truth
+    if len(stack) == 1:
+        return np.ones(1)
+
+    def loss(theta):
+        w = softmax(theta)
+        mix = np.clip(w @ picked, _EPS, None)
+        value = -np.mean(np.log(mix))
+        # d/dtheta via the softmax Jacobian: dL/dw_k = -mean(picked_k / mix)
+        grad_w = -(picked / mix).mean(axis=1)
+        return value, w * (grad_w - w @ grad_w)
+
+    res = minimize(loss, np.zeros(len(stack)), jac=True, method="L-BFGS-B")
+    return softmax(res.x)

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -131,14 +132,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     started_ray = False
     try:
         with stages("Ray"):
-            if ray.is_initialized():  # e.g. inside a test session or a notebook: use that Ray
-                pass
-            elif cfg.address:
-                ray.init(address=cfg.address)
-            else:
-                # the dashboard's State API lets Ray Train free the resources of trials ASHA stops
-                ray.init(address="local", include_dashboard=True)
-                started_ray = True
+            from ser_ray.session import connect
+
+            started_ray = connect(cfg.address)
             print(f"    cluster resources: {ray.cluster_resources()}")
             # every epoch's dataset split would draw its own progress bar; the stages report instead
             from ray.data import DataContext
@@ -288,8 +284,9 @@ def _annotate(cfg: DemoConfig, out: Path, bundle_dir: Path, stages: Stages, thro
     from ser_ray.annotate.writer import ResultWriter
     from ser_ray.corpora.synthetic import generate_archive
     from ser_ray.report.timeline import plot_label_distribution, plot_timeline
+    from ser_ray.annotate.endpoint import annotate_via_endpoint
+    from ser_ray.auth import digest
     from ser_ray.serve.app import ServeConfig, build_app
-    from ser_ray.serve.client import annotate_via_endpoint
 
     with stages("Ray Serve endpoint + annotating a synthetic archive of long recordings"):
         archive = out / "archive"
@@ -298,13 +295,16 @@ def _annotate(cfg: DemoConfig, out: Path, bundle_dir: Path, stages: Stages, thro
         timeline = pd.read_csv(archive / "timeline.csv")
         serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
         # three members and the ingress must fit next to each other on a 2-core laptop
-        config = ServeConfig(bundle=str(bundle_dir), allowed_roots=[str(archive)], num_cpus=0.25, ingress_num_cpus=0.25)
+        key = secrets.token_urlsafe(24)  # this run's API key: the endpoint never runs open
+        config = ServeConfig(bundle=str(bundle_dir), allowed_roots=[str(archive)], num_cpus=0.25, ingress_num_cpus=0.25,
+                             api_key_sha256=digest(key))
         serve.run(build_app(config), name="ser-ray", route_prefix="/")
         url = f"http://127.0.0.1:{cfg.port}"
         print(f"    endpoint {url} (GET /healthz, /labels; POST /predict, /annotate)")
         annotations = out / "annotations"
         shutil.rmtree(annotations, ignore_errors=True)
-        summary = annotate_via_endpoint(str(archive), str(annotations), url, batch_files=1, concurrency=2)
+        summary = annotate_via_endpoint(str(archive), str(annotations), url, batch_files=1, concurrency=2,
+                                        api_key=key)
         files, segments = ResultWriter(str(annotations)).read_tables()
         acc = window_accuracy(segments, timeline)
         ok = files[files["status"] == "ok"]

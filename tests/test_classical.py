@@ -4,6 +4,7 @@ the fitted scikit-learn models, saving and loading, and ``ser-ray cv`` with them
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -124,6 +125,12 @@ def test_cv_with_logreg_runs_without_ray_train(ray_session, tmp_path):
     synthetic.generate(root, actors=4, seed=0, sentences=["IEO", "TIE"], emotions=["anger", "neutral", "sadness"],
                        workers=1, progress=False)
     out = tmp_path / "cv"
+    # a worker no node can host stops at once, naming the setting, instead of waiting for ever
+    start = time.perf_counter()
+    rc = main(["cv", "--corpus", "synthetic", "--root", str(root), "--family", "cnn", "--protocol", "loso",
+               "--set", "cpus_per_worker=64", "--out", str(tmp_path / "never")])
+    assert rc == 2 and time.perf_counter() - start < 30
+    assert not (tmp_path / "never" / "summary.json").exists()
     rc = main(["cv", "--corpus", "synthetic", "--root", str(root), "--family", "logreg", "--protocol", "loso",
                "--max-folds", "2", "--set", "data.features={window_s: 1.0}", "--out", str(out)])
     assert rc in (0, None)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from ser_ray.annotate.core import AnnotateConfig
 
@@ -43,23 +42,20 @@ def run(args) -> int:
         normalise_by=args.normalise_by, max_duration_s=args.max_duration_s,
     )
     if args.endpoint:
-        from ser_ray.serve.client import annotate_via_endpoint  # written with the Serve app
+        from ser_ray.annotate.endpoint import annotate_via_endpoint
 
         # windowing and VAD are the server's settings on this path
-        from ser_ray.serve.auth import resolve_key
+        from ser_ray.auth import resolve_key
 
         summary = annotate_via_endpoint(
             args.input, args.output, args.endpoint, batch_files=args.batch_files, fmt=args.format,
             api_key=resolve_key(key_file=args.api_key_file),
         )
     else:
-        import ray
-
         from ser_ray.annotate.offline import annotate_archive
+        from ser_ray.session import connect
 
-        if not ray.is_initialized():
-            # RAY_ADDRESS is set inside `ray job submit`; "local" avoids joining a stale cluster
-            ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local")
+        connect(args.address, dashboard=False)
         summary = annotate_archive(
             args.input, args.output, args.bundle, config,
             batch_files=args.batch_files, num_actors=args.num_actors, fmt=args.format, device=args.device,

@@ -136,8 +136,9 @@ def _annotate_archive(input_uri, output_uri, bundle_uri, config, writer, *, batc
     if not todo:
         return summary
 
-    if not ray.is_initialized():
-        ray.init()
+    from ser_ray.session import ensure
+
+    ensure()
     gpu = str(device).startswith("cuda")
     if num_actors is None:
         resources = ray.cluster_resources()

@@ -13,12 +13,12 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import minimize
 from scipy.special import softmax
 
 from ser_ray import storage
 from ser_ray.audio.decode import fix_length, load_clip, resample, to_mono
-from ser_ray.calibration import _EPS, fit_temperature, nll  # noqa: F401  (ensemble callers import them here)
+# ensemble callers import these from here too
+from ser_ray.calibration import fit_temperature, fit_weights, label_ids, nll  # noqa: F401
 from ser_ray.ensemble.bundle import Bundle, Member
 
 log = logging.getLogger(__name__)
@@ -45,34 +45,7 @@ def windows_from_frame(df: pd.DataFrame, sample_rate: int = 16_000, window_s: fl
     return np.stack([fix_length(w, n) for w in waves]).astype(np.float32)
 
 
-def label_ids(values: Sequence[str], labels: Sequence[str]) -> np.ndarray:
-    index = {label: i for i, label in enumerate(labels)}
-    unknown = sorted(set(values) - set(index))
-    if unknown:
-        raise ValueError(f"labels {unknown} are not among the bundle labels {list(labels)}; apply the label map first")
-    return np.array([index[v] for v in values], dtype=np.int64)
-
-
 # -- fitting ----------------------------------------------------------------------------------
-def fit_weights(member_probs: Sequence[np.ndarray], y: np.ndarray) -> np.ndarray:
-    """Simplex weights minimising the NLL of ``sum_k w_k * probs_k`` (``w = softmax(theta)``)."""
-    stack = np.stack([np.asarray(p, dtype=np.float64) for p in member_probs])  # [K, N, L]
-    picked = stack[:, np.arange(len(y)), y]  # [K, N]: each member's probability of the truth
-    if len(stack) == 1:
-        return np.ones(1)
-
-    def loss(theta):
-        w = softmax(theta)
-        mix = np.clip(w @ picked, _EPS, None)
-        value = -np.mean(np.log(mix))
-        # d/dtheta via the softmax Jacobian: dL/dw_k = -mean(picked_k / mix)
-        grad_w = -(picked / mix).mean(axis=1)
-        return value, w * (grad_w - w @ grad_w)
-
-    res = minimize(loss, np.zeros(len(stack)), jac=True, method="L-BFGS-B")
-    return softmax(res.x)
-
-
 def scores(probs: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> dict:
     """UA, WA, macro-F1, ECE and NLL of probabilities against true class ids."""
     from ser_ray.train.metrics import classification_metrics, expected_calibration_error

@@ -24,16 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "prepare") -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
     from ser_ray.corpora.manifest import read_manifest
     from ser_ray.features.config import FeatureConfig
     from ser_ray.features.pipeline import prepare
 
     manifest = read_manifest(args.manifest)
     config = FeatureConfig(kind=args.features, normalize=args.normalize)
-    if not ray.is_initialized():  # a caller (tests, a job) may already have connected
-        ray.init(address=args.address) if args.address else ray.init(address="local")
+    from ser_ray.session import connect
+
+    connect(args.address, dashboard=False)
     info = prepare(manifest, args.out, config, batch_size=args.batch_size, strategy=args.strategy,
                    progress=not args.no_progress)
     state = "reused" if info.reused else f"written in {info.seconds:.1f} s"

@@ -187,8 +187,9 @@ def prepare(
                     cache_dir, CACHE_JSON)
         _delete_dir(cache_dir)
 
-    if not ray.is_initialized():
-        ray.init(address="local")  # "local": never join a stale cluster by accident
+    from ser_ray.session import ensure
+
+    ensure()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     if not storage.is_s3(cache_dir) and nodes > 1:

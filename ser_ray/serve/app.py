@@ -10,7 +10,7 @@ HTTP ──► Ingress (FastAPI)                         MemberModel "member-<na
 The ingress runs the same ``annotate_file`` as offline annotation and combines member logits with the
 same ``Bundle.combine``, so an endpoint answer equals the offline answer for the same file.
 
-Every route but ``/healthz`` needs the API key (``ser_ray.serve.auth``), and every route checks the
+Every route but ``/healthz`` needs the API key (``ser_ray.auth``), and every route checks the
 ``Host`` header against ``allowed_hosts`` (a web page cannot reach a loopback endpoint by DNS
 rebinding); both are checked by an ASGI middleware before any body is read.
 
@@ -48,7 +48,7 @@ from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle
 
-from ser_ray.serve import auth
+from ser_ray import auth
 from ser_ray.serve.access import AccessPolicy
 
 logger = logging.getLogger("ray.serve")

@@ -3,7 +3,7 @@
 ``ser-ray serve --bundle PATH [--port 8000] [--host 127.0.0.1] [--allow-root DIR ...]
 [--allow-bucket NAME ...] [--address ADDR]``: starts (or joins, with ``--address``) Ray, starts Serve
 on ``host:port`` and serves ``ser_ray.serve.app.build_app`` until Ctrl-C. Clients need the API key
-(``ser_ray.serve.auth``; created in ``~/.config/ser-ray/api-key`` on first use when none is set).
+(``ser_ray.auth``; created in ``~/.config/ser-ray/api-key`` on first use when none is set).
 
 The same app deploys from ``serve_config.yaml`` with ``serve run serve_config.yaml`` or
 ``serve deploy serve_config.yaml`` (import path ``ser_ray.serve.app:app_builder``).
@@ -66,7 +66,7 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def config_from_args(args: argparse.Namespace):
-    from ser_ray.serve import auth
+    from ser_ray import auth
     from ser_ray.serve.app import ServeConfig
 
     key = None if args.no_auth else auth.resolve_key(key_file=args.api_key_file, create=True)
@@ -134,7 +134,9 @@ def run(args: argparse.Namespace) -> int:
     if not config.allowed_roots and not config.allowed_buckets:
         log.warning("no --allow-root or --allow-bucket: /annotate will refuse every URI (/predict works)")
     # "local" starts a fresh Ray even when a stale cluster address file exists (RAY-NOTES)
-    ray.init(address=args.address or "local", include_dashboard=False)
+    from ser_ray.session import connect
+
+    connect(args.address, dashboard=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.port,
                                   "request_timeout_s": config.request_timeout_s})

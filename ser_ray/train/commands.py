@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 
 from ser_ray.models import MODELS
 from ser_ray.train.config import PROTOCOLS, load_config
@@ -58,18 +57,19 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="Ray cluster address (default: RAY_ADDRESS if set, else a local Ray)")
 
 
-def _init_ray(address: str | None) -> None:
+def _init_ray(address: str | None, config=None) -> None:
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address)
-    else:
-        # "local": never join a stale cluster left in Ray's temp dir. The dashboard's State API is
-        # what Ray Train's placement-group cleaner polls; without it, it logs a warning every second.
-        ray.init(address="local", include_dashboard=True)
+    from ser_ray.models.classical import is_classical
+    from ser_ray.session import check_fits, connect
+
+    connect(address)
+    if config is not None and not is_classical(config.family):  # classical fits need no workers
+        gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+        # before any feature is prepared: a worker that no node can host would wait for ever
+        check_fits({"CPU": config.cpus_per_worker, "GPU": config.gpus_per_worker if gpu else 0}, config.num_workers,
+                   what=f"training {config.family}",
+                   settings="cpus_per_worker / gpus_per_worker / num_workers (e.g. --set cpus_per_worker=1)")
     # Per-epoch dataset splits would each draw a progress bar; the loop logs epochs instead.
     from ray.data import DataContext
 
@@ -118,7 +118,7 @@ def run(args) -> int:
     if args.command == "train":
         config = load_config(args.config, list(args.overrides))
         fold = config.data.test_fold if args.fold is None else args.fold
-        _init_ray(args.address)
+        _init_ray(args.address, config)
         summary = run_cv(config, args.out, folds=[fold])
     elif args.command == "compare":
         from ser_ray.train.compare import comparison_markdown, run_compare
@@ -139,7 +139,7 @@ def run(args) -> int:
         if not (args.test_corpus and args.test_root):
             raise SystemExit("ser-ray cv: cross-corpus needs both --test-corpus and --test-root")
         config = _cv_config(args)
-        _init_ray(args.address)
+        _init_ray(args.address, config)
         summary = run_cross_corpus(config, config.data, DataSpec(corpus=args.test_corpus, root=args.test_root),
                                    args.out)
         dropped = summary["dropped_labels"]
@@ -149,7 +149,7 @@ def run(args) -> int:
         return 0
     else:
         config = _cv_config(args)
-        _init_ray(args.address)
+        _init_ray(args.address, config)
         summary = run_cv(config, args.out, max_folds=args.max_folds)
     _print_summary(f"{config.family} {config.data.protocol}", summary, args.out)
     return 0

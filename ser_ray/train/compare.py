@@ -163,8 +163,7 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
     """
     from scipy.special import softmax
 
-    from ser_ray.calibration import fit_temperature
-    from ser_ray.ensemble.fit import fit_weights, label_ids
+    from ser_ray.calibration import fit_temperature, fit_weights, label_ids
     from ser_ray.train.metrics import classification_metrics, summarize_folds
 
     ens_dir = out / "ensemble"

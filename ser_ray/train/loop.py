@@ -362,9 +362,14 @@ def make_trainer(loop_cfg: dict, datasets: dict, config: TrainConfig, *, name: s
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from ser_ray.session import check_fits
+
     use_gpu = config.use_gpu
     if use_gpu is None:  # auto: a GPU when the cluster has one
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    check_fits({"CPU": config.cpus_per_worker, "GPU": config.gpus_per_worker if use_gpu else 0},
+               config.num_workers, what=f"training {name}",
+               settings="cpus_per_worker / gpus_per_worker / num_workers (e.g. --set cpus_per_worker=1)")
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +38,9 @@ def init_ray(address: str | None = None) -> None:
 
     The dashboard (State API) is what lets Ray Train free the resources of a trial ASHA stops.
     """
-    import ray
+    from ser_ray.session import connect
 
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address or os.environ.get("RAY_JOB_ID"):
-        ray.init(address=address or "auto")
-    else:
-        ray.init(address="local", include_dashboard=True)
+    connect(address)
 
 
 def print_summary(result) -> None:

@@ -542,7 +542,13 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> SearchResult:
 
     from ser_ray.tune import plots
 
+    from ser_ray.session import check_fits
+
     use_gpu = cfg.gpu if cfg.gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    for family in cfg.families:  # before any feature is prepared: a trial that can never start
+        res = cfg.family_resources(family)
+        check_fits({"CPU": res["cpu"], "GPU": res.get("gpu", 0.0) if use_gpu else 0.0}, what=f"a {family} trial",
+                   settings=f"resources.{family}.cpu / .gpu in the search config")
     start = time.perf_counter()
     data = load_search_data(cfg, use_gpu=bool(use_gpu))
     trainable = make_trainable(data, cfg)

@@ -26,7 +26,7 @@ from ser_ray.annotate.core import file_row
 from ser_ray.annotate.listing import list_archive
 from ser_ray.annotate.writer import ResultWriter
 from ser_ray.errors import UserError
-from ser_ray.serve.auth import client_headers
+from ser_ray.auth import client_headers
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def annotate_via_endpoint(
     ``wall_s``). Connection errors and 5xx answers are retried with exponential backoff up to
     ``retries`` times per batch; other 4xx answers (a wrong API key, a malformed request) stop the run
     with the server's message. Batches committed before a failure stay committed: rerun to resume.
-    ``api_key``: default from ``SER_RAY_API_KEY`` or the key file (see ``ser_ray.serve.auth``).
+    ``api_key``: default from ``SER_RAY_API_KEY`` or the key file (see ``ser_ray.auth``).
     """
     with ResultWriter(output_uri, fmt) as writer:
         return _annotate(input_uri, output_uri, endpoint_url, writer, batch_files=batch_files,

@@ -1,0 +1,67 @@
+"""The one place ser-ray connects to Ray.
+
+``connect(address)`` decides, in this order: a Ray this process is already connected to (a test
+session, a notebook) is used as it is; an explicit ``address`` (``--address``, e.g. ``auto`` or
+``ray://head:10001``) or ``RAY_ADDRESS`` is joined; inside ``ray job submit`` (``RAY_JOB_ID``) the
+job's cluster is joined; otherwise a new local Ray starts (``address="local"``: never a stale cluster
+left in Ray's temp dir by an earlier ``ray start``). Commands and jobs call it; library functions
+that need Ray call ``ensure()``, the same decision without options.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int | None = None) -> bool:
+    """Connect to Ray as described above; returns True when this call started a new local Ray.
+
+    ``dashboard``: for a new local Ray; its State API is what Ray Train's placement-group cleaner
+    polls to free the resources of trials ASHA stops (without it, it logs a warning every second).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address or os.environ.get("RAY_JOB_ID"):
+        ray.init(address=address or "auto")
+        log.info("joined the Ray cluster at %s", address or "auto")
+        return False
+    ray.init(address="local", include_dashboard=dashboard, num_cpus=num_cpus)
+    return True
+
+
+def ensure() -> None:
+    """Connect (see ``connect``) unless this process already is."""
+    connect(dashboard=False)
+
+
+def check_fits(per_unit: dict[str, float], units: int = 1, *, what: str, settings: str) -> None:
+    """Refuse, before anything starts, a request this cluster can never satisfy.
+
+    ``per_unit`` (``{"CPU": 4, "GPU": 1}``) must fit on one alive node and ``units`` of them in the
+    cluster's total; otherwise Ray would wait for ever, logging "No available node types can fulfill
+    resource request" every 35 s. Clusters that add nodes on demand may be bigger later: set
+    ``SER_RAY_AUTOSCALING=1`` to skip the check there.
+    """
+    import ray
+
+    from ser_ray.errors import UserError
+
+    if os.environ.get("SER_RAY_AUTOSCALING") == "1":
+        return
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    for resource, amount in per_unit.items():
+        if not amount:
+            continue
+        largest = max((n.get(resource, 0.0) for n in nodes), default=0.0)
+        if amount > largest or amount * units > total.get(resource, 0.0):
+            have = (f"the largest node has {largest:g}, the cluster {total.get(resource, 0.0):g}" if largest
+                    else "the cluster has none")
+            raise UserError(f"{what} needs {units} x {amount:g} {resource} but {have}: lower {settings} "
+                            "(or set SER_RAY_AUTOSCALING=1 if the cluster adds nodes on demand)")
