@@ -5,7 +5,8 @@ Every request is forwarded unchanged, except that while ``faults`` > 0 each requ
 
 - ``throttle``: 503 ``SlowDown``, what S3 answers when a prefix is over its request rate;
 - ``forbid``: 403 ``AccessDenied``;
-- ``drop``: the upstream answer's headers and half its body, then the connection is closed.
+- ``drop``: the upstream answer's headers and half its body, then the connection is closed;
+- ``stall``: the upstream answer's headers and half its body, then nothing for ``stall_s`` seconds.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import http.client
 import http.server
 import threading
+import time
 import urllib.parse
 
 _ERRORS = {
@@ -28,6 +30,8 @@ class FaultyS3Proxy:
         self.faults = 0
         self.methods = ("GET", "HEAD")
         self.requests = 0  # forwarded or faulted, for assertions
+        self.stall_s = 60.0
+        self.stalled = threading.Event()  # set once a stalled answer is under way
         self._guard = threading.Lock()
         proxy = self
 
@@ -68,6 +72,12 @@ class FaultyS3Proxy:
                     self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command == "HEAD":
+                    return
+                if fault == "stall" and len(data) > 1:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    proxy.stalled.set()
+                    time.sleep(proxy.stall_s)
                     return
                 if fault == "drop" and len(data) > 1:
                     self.wfile.write(data[: len(data) // 2])

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -184,3 +185,30 @@ def test_storage_faults_are_retried_then_a_retry_row_the_next_run_redoes(s3_buck
         writer.commit([row], segments)
     files, segments = ResultWriter(out).read_tables()
     assert files["status"].tolist() == ["ok"] and len(segments) == 2
+
+
+def test_a_killed_download_leaves_no_temporary_file(s3_bucket, faulty_s3, tmp_path):
+    """S3 objects were copied to named temp files (``/tmp/ser-ray-*``) that a SIGKILL left behind; the
+    copy is now an unnamed file that disappears with the process."""
+    import os
+    import signal
+    import tempfile
+
+    bucket, client = s3_bucket
+    client.put_object(Bucket=bucket, Key="in/big.wav", Body=open(_wav(tmp_path / "big.wav", np.zeros(160_000), 16_000,
+                                                                        subtype="PCM_16"), "rb").read())
+    temp = tempfile.gettempdir()
+    before = {n for n in os.listdir(temp) if n.startswith("ser-ray-")}
+    faulty_s3.inject("stall", faults=1, methods=("GET",))
+    code = "import sys; from ser_ray.annotate import AnnotateConfig, annotate_file; " \
+           "annotate_file(sys.argv[1], lambda w: None, AnnotateConfig(labels=('a', 'b')))"
+    child = subprocess.Popen([sys.executable, "-c", code, f"s3://{bucket}/in/big.wav"], env=dict(os.environ))
+    try:
+        assert faulty_s3.stalled.wait(60), "the download never started"
+        time.sleep(0.5)  # half the object is in the temporary copy now
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert {n for n in os.listdir(temp) if n.startswith("ser-ray-")} == before

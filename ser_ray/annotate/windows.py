@@ -24,7 +24,7 @@ from ser_ray.audio.decode import AudioError, check_sample_rate, check_samples, f
 
 _COPY_CHUNK = 8 * 1024 * 1024
 MAX_CHANNELS = 16
-MAX_BLOCK_BYTES = 64 * 1024 * 1024  # decoded float32 samples held per read, whatever rate x channels
+MAX_BLOCK_BYTES = 16 * 1024 * 1024  # decoded float32 samples held per read, whatever rate x channels
 
 
 @dataclass(frozen=True)
