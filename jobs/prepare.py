@@ -13,7 +13,7 @@ from ser_ray.corpora.manifest import write_manifest
 from ser_ray.features.config import FeatureConfig
 from ser_ray.features.pipeline import prepare
 from ser_ray import storage
-from ser_ray.session import connect
+from ser_ray.session import check_job_paths, connect
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--corpus", required=True, choices=["cremad", "ravdess", "emodb", "synthetic"])
@@ -23,6 +23,7 @@ parser.add_argument("--features", default="logmel", choices=["logmel", "mfcc", "
 args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+check_job_paths({"--root": args.root}, {"--out": args.out})
 # Under `ray job submit` (or with RAY_ADDRESS set) join the cluster; otherwise start a local Ray.
 connect()
 

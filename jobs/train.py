@@ -1,6 +1,6 @@
 """Train one model on one speaker-disjoint split with Ray Train.
 
-    ray job submit --working-dir . -- python jobs/train.py --config configs/emodb.yaml --out results/emodb-cnn
+    ray job submit --working-dir . -- python jobs/train.py --config configs/emodb.yaml --out $PWD/results/emodb-cnn
     python jobs/train.py --config configs/synthetic.yaml --set epochs=5 --out /tmp/synth-cnn   # local Ray
 
 Reads the YAML config (corpus, protocol, family, hyperparameters), builds the manifest and the feature
@@ -12,7 +12,7 @@ import argparse
 import logging
 
 
-from ser_ray.session import connect
+from ser_ray.session import check_job_paths, connect
 from ser_ray.train.config import load_config
 from ser_ray.train.cv import run_cv
 
@@ -24,10 +24,11 @@ parser.add_argument("--out", default="results/train")
 args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+config = load_config(args.config, args.overrides)
+check_job_paths({"data.root": config.data.root, "data.manifest": config.data.manifest}, {"--out": args.out})
 # Under `ray job submit` (or with RAY_ADDRESS set) join the cluster; otherwise start a local Ray.
 connect()
 
-config = load_config(args.config, args.overrides)
 fold = config.data.test_fold if args.fold is None else args.fold
 summary = run_cv(config, args.out, folds=[fold])
 print(f"{config.family} fold {fold}: test UA {summary['ua']['mean']:.3f}  WA {summary['wa']['mean']:.3f}  "

@@ -1,6 +1,7 @@
 """Hyperparameter search over model families with Ray Tune + Optuna (TPE) + ASHA.
 
-    ray job submit --working-dir . -- python jobs/tune.py --config configs/tune-synthetic.yaml
+    ray job submit --working-dir . -- python jobs/tune.py --config configs/tune-synthetic.yaml \
+        --root $PWD/data/synthetic --out $PWD/results/tune
     python jobs/tune.py --config configs/tune-emodb.yaml --num-samples 8 --out results/tune   # local Ray
     python jobs/tune.py --config configs/tune-emodb.yaml --out results/tune --resume          # continue
 
@@ -13,6 +14,7 @@ and the search plots into <out>/<name>/.
 import argparse
 import logging
 
+from ser_ray.session import check_job_paths
 from ser_ray.tune.commands import add_arguments, config_from_args, init_ray, print_summary
 from ser_ray.tune.search import run_search
 
@@ -21,9 +23,13 @@ add_arguments(parser)
 args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+config = config_from_args(args)
+# before Ray starts: a relative data or output path would go wrong inside the job's uploaded copy
+check_job_paths({"--root / data.root": config.data.root, "--folds": config.data.folds,
+                 "data.manifest": config.data.manifest},
+                {"--out / storage_path": config.storage_path})
 # Under `ray job submit` (or with RAY_ADDRESS / --address) join the cluster; otherwise a local Ray.
 init_ray(args.address)
 
-config = config_from_args(args)
 result = run_search(config, resume=args.resume)
 print_summary(result)

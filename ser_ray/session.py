@@ -65,3 +65,43 @@ def check_fits(per_unit: dict[str, float], units: int = 1, *, what: str, setting
                     else "the cluster has none")
             raise UserError(f"{what} needs {units} x {amount:g} {resource} but {have}: lower {settings} "
                             "(or set SER_RAY_AUTOSCALING=1 if the cluster adds nodes on demand)")
+
+
+def job_working_dir() -> str | None:
+    """The ``--working-dir`` this process runs in as a ``ray job submit`` entrypoint, else None."""
+    import json
+
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return None
+    return (config.get("runtime_env") or {}).get("working_dir") or None
+
+
+def check_job_paths(inputs: dict[str, str | None] = {}, outputs: dict[str, str | None] = {}) -> None:
+    """Refuse relative local paths that would go wrong inside ``ray job submit --working-dir .``.
+
+    There the job runs in Ray's uploaded copy of the working directory, which leaves out git-ignored
+    files (``data/``), and anything written there is deleted with the job. ``inputs`` / ``outputs``
+    map an option name (``--root``) to its value. Absolute paths and ``s3://`` URIs always pass. Exits
+    with the message (one line, status 2): jobs call it before anything starts.
+    """
+    if job_working_dir() is None:
+        return
+    inputs = {k: os.path.expanduser(v) for k, v in inputs.items() if v}
+    outputs = {k: os.path.expanduser(v) for k, v in outputs.items() if v}
+    for option, path in inputs.items():
+        if "://" not in path and not os.path.isabs(path) and not os.path.exists(path):
+            _exit(f"{option} {path}: not in the job's uploaded working directory (Ray leaves out "
+                  "git-ignored files such as data/); pass an absolute path or an s3:// URI")
+    for option, path in outputs.items():
+        if "://" not in path and not os.path.isabs(path):
+            _exit(f"{option} {path}: a relative output inside `ray job submit --working-dir` lands in the "
+                  "job's temporary copy and is deleted with it; pass an absolute path or an s3:// URI")
+
+
+def _exit(message: str) -> None:
+    import sys
+
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)

@@ -141,3 +141,24 @@ def test_tune_job_runs_under_ray_job_submit(ray_head, tmp_path):
     # a user error is one line and exit code 2, not a traceback
     assert main(["ensemble", "--from", str(experiment), "--out", str(tmp_path / "b2"),
                  "--manifest", str(tmp_path / "missing.parquet")]) == 2
+
+
+def test_jobs_refuse_relative_paths_that_break_under_working_dir(tmp_path):
+    """`ray job submit --working-dir .` runs the job in an uploaded copy without git-ignored data/;
+    `--root data/synthetic` was a FileNotFoundError traceback, a relative --out a lost result."""
+    import json as _json
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "t.yaml").write_text("name: t\ndata: {corpus: synthetic}\nfamilies: [logreg]\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           "RAY_JOB_CONFIG_JSON_ENV_VAR": _json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}})}
+
+    def job(*args):
+        return subprocess.run([sys.executable, str(REPO / "jobs" / "tune.py"), "--config", "configs/t.yaml", *args],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+    missing = job("--root", "data/synthetic", "--out", str(tmp_path / "out"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "data/synthetic: not in the job's uploaded working directory" in missing.stderr
+    relative_out = job("--root", str(tmp_path), "--out", "results/tune")
+    assert relative_out.returncode == 2 and "deleted with it" in relative_out.stderr
