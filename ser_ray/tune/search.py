@@ -359,13 +359,53 @@ def build_tuner(
                               reduction_factor=cfg.reduction_factor)
     if resources is not None:
         trainable = tune.with_resources(trainable, resources)
+    # Tune's status tables only with -v; otherwise one line per finished trial
+    verbose = 1 if logging.getLogger().isEnabledFor(logging.DEBUG) else 0
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.num_samples,
                                     max_concurrent_trials=cfg.max_concurrent_trials),
         run_config=tune.RunConfig(name=cfg.name, storage_path=_storage_root(cfg.storage_path),
-                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=verbose,
+                                  callbacks=[] if verbose else [trial_lines(cfg)]),
     )
+
+
+def trial_lines(cfg: SearchConfig):
+    """A Tune callback printing one line per finished trial: family, best metric, epochs, why it stopped."""
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        def __init__(self):
+            self.best: dict[str, float] = {}
+            self.done = 0
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            value = result.get(cfg.metric)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.best[trial.trial_id] = max(value, self.best.get(trial.trial_id, -math.inf))
+
+        def _line(self, trial, outcome: str) -> None:
+            self.done += 1
+            epochs = (trial.last_result or {}).get("training_iteration", 0)
+            best = self.best.get(trial.trial_id)
+            family = trial.config.get("family", cfg.families[0])
+            score = f"best {cfg.metric} {best:.3f}" if best is not None else f"no {cfg.metric}"
+            print(f"  trial {self.done}/{cfg.num_samples} {family}: {score} after {epochs} epoch(s), {outcome}",
+                  flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            from ser_ray.models.classical import is_classical
+
+            epochs = (trial.last_result or {}).get("training_iteration", 0)
+            family = trial.config.get("family", cfg.families[0])
+            early = epochs < cfg.max_epochs and not is_classical(family)
+            self._line(trial, "stopped early by ASHA" if early else "done")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trial, "FAILED (see trials.csv `error`)")
+
+    return TrialLines()
 
 
 def restore_tuner(path: str, trainable: Callable, *, resources: dict | Callable | None = None):
