@@ -67,17 +67,19 @@ def toy(n_per_class=12, classes=3, dim=SMALL.num_channels, speakers=4, seed=0):
     return np.concatenate(x)[:, :, None].astype(np.float32), np.array(y), np.array(g)
 
 
-@pytest.mark.parametrize("family,hparams", [("logreg", {}), ("svm", {"kernel": "linear"}), ("svm", {"kernel": "rbf"})])
+@pytest.mark.parametrize("family,hparams", [("logreg", {}), ("svm", {"kernel": "linear"}), ("svm", {"kernel": "rbf"}),
+                                            ("mlp", {"hidden": 16, "seeds": 2})])
 def test_classical_fit_matches_sklearn_and_round_trips(tmp_path, family, hparams):
     x, y, g = toy()
     fc = SMALL
     model = build_model(family, 3, fc, **hparams)
     info = model.fit_arrays(x, y, g)
-    assert info["inner_folds"] == 4 and info["chosen"]["C"] in [r["C"] for r in info["grid"]]
-    assert model.hparams.C == info["chosen"]["C"]  # the saved hparams say what was used
-    # the torch module reproduces the fitted scikit-learn estimator's decision values
+    key = "alpha" if family == "mlp" else "C"
+    assert info["inner_folds"] == 4 and info["chosen"][key] in [r[key] for r in info["grid"]]
+    assert getattr(model.hparams, key) == info["chosen"][key]  # the saved hparams say what was used
+    # the torch module reproduces the fitted scikit-learn estimator(s)' decision values
     z = (x[:, :, 0] - model.mean.numpy()) / model.scale.numpy()
-    est = model._fit_scaled(z.astype(np.float64), y, info["chosen"])
+    est = model._fit_scaled(z.astype(np.float64), y, info["chosen"], final=True)
     with torch.no_grad():
         decision = model.decision(torch.as_tensor(z)).numpy()
     np.testing.assert_allclose(decision, model._decision(est, z.astype(np.float64)), rtol=1e-3, atol=1e-3)
@@ -89,7 +91,7 @@ def test_classical_fit_matches_sklearn_and_round_trips(tmp_path, family, hparams
     loaded, meta = load_model(str(tmp_path / "m"))
     with torch.no_grad():
         np.testing.assert_allclose(loaded(torch.as_tensor(x)).numpy(), model(torch.as_tensor(x)).numpy(), atol=1e-5)
-    assert meta.hparams["C"] == model.hparams.C
+    assert meta.hparams[key] == getattr(model.hparams, key)
 
 
 def test_two_classes_and_one_speaker():
@@ -101,6 +103,10 @@ def test_two_classes_and_one_speaker():
         with torch.no_grad():
             probs = torch.softmax(model(torch.as_tensor(x)), -1).numpy()
         assert (probs.argmax(1) == y).mean() > 0.9 and info["inner_ua"] > 0.9
+    model = build_model("mlp", 2, fc, hidden=8, seeds=1)  # one output unit inside scikit-learn
+    model.fit_arrays(x, y, g)
+    with torch.no_grad():
+        assert (torch.softmax(model(torch.as_tensor(x)), -1).numpy().argmax(1) == y).mean() > 0.9
     model = build_model("logreg", 2, fc)
     info = model.fit_arrays(x, y, np.zeros(len(y)))  # one speaker: nothing to validate on
     assert info["inner_folds"] == 1 and "inner_ua" not in info and model.hparams.C is not None

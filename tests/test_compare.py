@@ -139,7 +139,7 @@ def test_compare_per_fold_ensemble_of_classical_and_deep_members(ray_session, co
             "--set", "data.val_fraction=0.34", *tiny(corpora)]
     assert main(argv) == 0
     table = pd.read_csv(out / "comparison.csv")
-    assert list(table["family"]) == ["logreg", "svm-kernel=rbf-C=1", "cnn", "ensemble"]
+    assert list(table["family"]) == ["logreg", "svm-kernel=rbf-C=1", "cnn", "ensemble", "ensemble (uniform)"]
     svm = json.loads((out / "svm-kernel=rbf-C=1" / "summary.json").read_text())
     assert svm["config"]["hparams"] == {"kernel": "rbf", "C": 1}
     summary = json.loads((out / "ensemble" / "summary.json").read_text())
@@ -152,4 +152,6 @@ def test_compare_per_fold_ensemble_of_classical_and_deep_members(ray_session, co
             val = pd.read_parquet(out / member / f"fold_{fold['fold']}" / "val_predictions.parquet")
             assert set(val["speaker"]) == set(folds["val_speakers"])
     assert table.loc[3, "ua_mean"] == pytest.approx(summary["ua"]["mean"])
+    assert table.loc[4, "ua_mean"] == pytest.approx(summary["uniform"]["ua"]["mean"])
+    assert summary["uniform"]["ua"]["values"] == [f["uniform_ua"] for f in summary["per_fold"]]
     assert "ensemble" in (out / "comparison.md").read_text()

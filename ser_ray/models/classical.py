@@ -1,4 +1,5 @@
-"""Classical families over utterance functionals: logistic regression (``logreg``) and SVM (``svm``).
+"""Classical families over utterance functionals: logistic regression (``logreg``), SVM (``svm``) and
+a small multilayer perceptron (``mlp``).
 
 scikit-learn fits them; the fitted numbers (scaler statistics, weights, support vectors) are then
 copied into an ``nn.Module``, so a classical model saves, loads, joins a bundle, runs in Serve and in
@@ -32,6 +33,7 @@ C_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 RBF_C_GRID = (0.3, 1.0, 3.0, 10.0, 30.0)
 RBF_GAMMA_GRID = (0.25, 0.5, 1.0, 2.0)  # times 1/D ("scale" on standardised features)
 INNER_FOLDS = 5  # speaker-grouped folds of the inner cross-validation (fewer with fewer speakers)
+MLP_ALPHA_GRID = (0.3, 3.0, 30.0)  # L2 penalty of the MLP
 
 
 @dataclasses.dataclass
@@ -46,6 +48,15 @@ class SVMHparams:
     C: float | None = None  # None: chosen by inner CV
     gamma: float | None = None  # rbf width in units of 1/D; None: chosen by inner CV
     class_weight: str = "balanced"  # balanced | none
+
+
+@dataclasses.dataclass
+class MLPHparams:
+    hidden: int = 128  # units in the one hidden layer (ReLU)
+    alpha: float | None = None  # L2 penalty; None: chosen by inner CV over MLP_ALPHA_GRID
+    seeds: int = 3  # networks averaged (log-probabilities) in the saved model; the inner CV uses one
+    max_iter: int = 300
+    class_weight: str = "none"  # scikit-learn's MLP has no class weights
 
 
 class _ClassicalModel(nn.Module):
@@ -73,8 +84,9 @@ class _ClassicalModel(nn.Module):
         """Hyperparameter settings the inner cross-validation chooses from."""
         raise NotImplementedError
 
-    def _fit_scaled(self, z: np.ndarray, y: np.ndarray, params: dict):
-        """Fit on standardised features; return the fitted estimator."""
+    def _fit_scaled(self, z: np.ndarray, y: np.ndarray, params: dict, final: bool = False):
+        """Fit on standardised features; return the fitted estimator (``final``: the model kept, not an
+        inner-CV fold)."""
         raise NotImplementedError
 
     def _decision(self, estimator, z: np.ndarray) -> np.ndarray:
@@ -127,7 +139,7 @@ class _ClassicalModel(nn.Module):
         chosen = candidates[best]
         for key, value in chosen.items():  # the saved hparams say what was used
             setattr(self.hparams, key, value)
-        self._load(self._fit_scaled(z, y, chosen), z)
+        self._load(self._fit_scaled(z, y, chosen, final=True), z)
         self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
         info = {"chosen": chosen, "grid": results, "inner_folds": min(INNER_FOLDS, n_groups), "n_train": len(y)}
@@ -156,7 +168,7 @@ class LogisticRegressionModel(_ClassicalModel):
     def candidates(self) -> list[dict]:
         return [{"C": c} for c in ((self.hparams.C,) if self.hparams.C is not None else C_GRID)]
 
-    def _fit_scaled(self, z, y, params):
+    def _fit_scaled(self, z, y, params, final=False):
         from sklearn.linear_model import LogisticRegression
 
         weight = "balanced" if self.hparams.class_weight == "balanced" else None
@@ -214,7 +226,7 @@ class SVMModel(_ClassicalModel):
         gammas = (hp.gamma,) if hp.gamma is not None else RBF_GAMMA_GRID
         return [{"C": c, "gamma": g} for c, g in itertools.product(cs, gammas)]
 
-    def _fit_scaled(self, z, y, params):
+    def _fit_scaled(self, z, y, params, final=False):
         from sklearn.multiclass import OneVsRestClassifier
         from sklearn.svm import SVC, LinearSVC
 
@@ -253,6 +265,61 @@ class SVMModel(_ClassicalModel):
         self.alpha = torch.as_tensor(alpha, dtype=torch.float32)
         self.bias = torch.as_tensor(bias, dtype=torch.float32)
         self.gamma = torch.tensor(float(self.hparams.gamma) / z.shape[1], dtype=torch.float32)
+
+
+@register("mlp", input_kind="functionals", features=FUNCTIONALS)
+class MLPModel(_ClassicalModel):
+    """A one-hidden-layer perceptron (scikit-learn, Adam, L2) on standardised functionals; the saved
+    model averages the log-probabilities of ``seeds`` networks. Its errors differ from the linear
+    members', which is what an ensemble needs."""
+
+    Hparams = MLPHparams
+
+    def __init__(self, num_classes: int, feature_config: FeatureConfig, hparams: MLPHparams):
+        super().__init__(num_classes, feature_config, hparams)
+        self.nets = nn.ModuleList(
+            nn.Sequential(nn.Linear(self.num_features, hparams.hidden), nn.ReLU(), nn.Linear(hparams.hidden, num_classes))
+            for _ in range(max(1, hparams.seeds)))
+
+    def decision(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.log_softmax(net(z), dim=1) for net in self.nets]).mean(0)
+
+    def candidates(self) -> list[dict]:
+        return [{"alpha": a} for a in ((self.hparams.alpha,) if self.hparams.alpha is not None else MLP_ALPHA_GRID)]
+
+    def _fit_scaled(self, z, y, params, final=False):
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.neural_network import MLPClassifier
+
+        seeds = len(self.nets) if final else 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # max_iter is the budget, not a failure
+            return [MLPClassifier((self.hparams.hidden,), alpha=params["alpha"], max_iter=self.hparams.max_iter,
+                                  random_state=seed).fit(z, y) for seed in range(seeds)]
+
+    def _logits(self, net, z):
+        """One network's output layer as ``[N, num_classes]`` logits (binary: ``[-o/2, o/2]``)."""
+        hidden = np.maximum(z @ net.coefs_[0] + net.intercepts_[0], 0.0)
+        return _full_decision(np.squeeze(hidden @ net.coefs_[1] + net.intercepts_[1], axis=-1)
+                              if net.coefs_[1].shape[1] == 1 else hidden @ net.coefs_[1] + net.intercepts_[1],
+                              net.classes_, self.num_classes)
+
+    def _decision(self, nets, z):
+        from scipy.special import log_softmax
+
+        return np.mean([log_softmax(self._logits(net, z), axis=1) for net in nets], axis=0)
+
+    def _load(self, nets, z):
+        for module, net in zip(self.nets, nets):
+            first, last = module[0], module[2]
+            first.weight.copy_(torch.as_tensor(net.coefs_[0].T, dtype=torch.float32))
+            first.bias.copy_(torch.as_tensor(net.intercepts_[0], dtype=torch.float32))
+            # the output layer mapped onto every class, as _logits does
+            weight, bias = _full_linear(net.coefs_[1].T, net.intercepts_[1], net.classes_, self.num_classes)
+            last.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+            last.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
 
 
 def is_classical(family: str) -> bool:

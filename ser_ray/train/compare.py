@@ -138,7 +138,11 @@ def run_compare(config: TrainConfig, families: list[str], out: str | Path, *, ma
         row.update(params=sum(r["params"] or 0 for r in rows), train_s_per_epoch=float("nan"),
                    infer_ms_per_clip=sum(r["infer_ms_per_clip"] for r in rows), folds=len(result["folds"]),
                    result_dir=str(out / "ensemble"))
-        rows.append(row)
+        uniform = dict(row, family="ensemble (uniform)")
+        for key in METRICS:
+            if key in result["uniform"]:
+                uniform[f"{key}_mean"], uniform[f"{key}_std"] = result["uniform"][key]["mean"], result["uniform"][key]["std"]
+        rows += [row, uniform]
     table = pd.DataFrame(rows)
     table.to_csv(out / "comparison.csv", index=False)
     (out / "comparison.md").write_text(comparison_markdown(table, config))
@@ -201,7 +205,7 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
         metrics = classification_metrics(y_test, mix.argmax(1), labels)
         uniform = classification_metrics(y_test, np.mean(test_probs, axis=0).argmax(1), labels)
         metrics.update(fold=fold, weights=dict(zip(names, map(float, weights))), temperatures=dict(zip(names, temps)),
-                       uniform_ua=uniform["ua"],
+                       uniform_ua=uniform["ua"], uniform_wa=uniform["wa"], uniform_macro_f1=uniform["macro_f1"],
                        members={n: classification_metrics(y_test, p.argmax(1), labels)["ua"]
                                 for n, p in zip(names, test_probs)},
                        n_val=len(val_paths), n_test=len(test_paths),
@@ -212,8 +216,11 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
                  ", ".join(f"{n} {u:.3f}" for n, u in metrics["members"].items()),
                  ", ".join(f"{n} {w:.2f}" for n, w in metrics["weights"].items()))
     summary = {**summarize_folds(per_fold), "members": names, "labels": labels, "folds": folds,
-               # for comparison only: equal weights over the calibrated members (nothing fitted but T)
+               # equal weights over the calibrated members (nothing fitted but T): with few held-out
+               # speakers, fitted weights can follow their noise
                "uniform_weights": summarize_folds(per_fold, keys=("uniform_ua",))["uniform_ua"],
+               "uniform": {key: summarize_folds(per_fold, keys=(f"uniform_{key}",))[f"uniform_{key}"]
+                           for key in ("ua", "wa", "macro_f1")},
                "per_fold": [{k: m[k] for k in ("fold", "ua", "wa", "macro_f1", "uniform_ua", "members", "weights",
                                                "temperatures", "n_val", "n_test", "test_speakers")} for m in per_fold]}
     (ens_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -243,7 +250,8 @@ def comparison_markdown(table: pd.DataFrame, config: TrainConfig) -> str:
               + (" The ensemble row: per fold, the members' temperatures and weights fitted on held-out "
                  "predictions of that fold's non-test speakers (all training speakers out of fold when every "
                  "member is classical, else the validation speakers; out/ensemble/summary.json); its "
-                 "inference time is the members' sum."
+                 "inference time is the members' sum. The uniform row: the same calibrated members, "
+                 "equal weights."
                  if "ensemble" in set(table["family"]) else ""), ""]
     return "\n".join(lines)
 

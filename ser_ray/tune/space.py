@@ -86,6 +86,7 @@ DEFAULT_SPACES: dict[str, dict] = {
             "class_weight": tune.choice(["balanced", "none"]),
         },
     },
+    "mlp": {"hparams": {"hidden": tune.choice([64, 128, 256]), "alpha": tune.loguniform(0.1, 100.0)}},
 }
 
 # YAML distribution name -> Ray Tune constructor taking the listed values
