@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("ser_ray.serve.commands", "serve a bundle over HTTP with Ray Serve"),
     "annotate": ("ser_ray.annotate.commands", "label an audio archive (offline or via an endpoint)"),
     "report": ("ser_ray.report.commands", "render the HTML report of a result directory"),
+    "run": ("ser_ray.pipeline", "the whole flow on your corpus: search, ensemble bundle, label an archive"),
     "demo": ("ser_ray.demo", "the whole system end to end on the embedded corpus"),
 }
 

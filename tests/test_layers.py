@@ -20,7 +20,7 @@ LAYERS = [
     {"ensemble"},
     {"annotate"},
     {"serve"},
-    {"demo", "cli"},
+    {"pipeline", "demo", "cli"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

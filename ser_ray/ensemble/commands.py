@@ -33,13 +33,15 @@ def model_dirs_from(sources: list[str]) -> tuple[list[str], dict]:
     return list(sources), {}
 
 
-def run(args) -> int:
+def build_bundle(sources: list[str], out: str, manifest_path: str | None = None, device: str = "cpu") -> dict:
+    """Fit the ensemble of ``sources`` (an experiment, or model directories with ``manifest_path``) on
+    the validation rows, evaluate it on the test rows, save the bundle to ``out``; returns the report."""
     from ser_ray.corpora.manifest import read_manifest
     from ser_ray.ensemble.bundle import save_bundle
     from ser_ray.ensemble.fit import fit_bundle_from_dirs
 
-    dirs, best = model_dirs_from(args.sources)
-    manifest_path = args.manifest or next((e.get("manifest") for e in best.values() if isinstance(e, dict) and e.get("manifest")), None)
+    dirs, best = model_dirs_from(sources)
+    manifest_path = manifest_path or next((e.get("manifest") for e in best.values() if isinstance(e, dict) and e.get("manifest")), None)
     if not manifest_path:
         raise SystemExit("ser-ray ensemble: pass --manifest FILE (a manifest with a `split` column); experiments "
                          "searched before split.parquet existed do not record their split")
@@ -56,9 +58,14 @@ def run(args) -> int:
         "n_test": int(len(test)),
         "sources": dirs,
     }
-    bundle, report = fit_bundle_from_dirs(dirs, val, test, device=args.device, data_summary=summary)
-    save_bundle(bundle, args.out)
-    storage.write_bytes(storage.join(args.out, "ensemble_metrics.json"), json.dumps(report, indent=2).encode())
+    bundle, report = fit_bundle_from_dirs(dirs, val, test, device=device, data_summary=summary)
+    save_bundle(bundle, out)
+    storage.write_bytes(storage.join(out, "ensemble_metrics.json"), json.dumps(report, indent=2).encode())
+    return report
+
+
+def run(args) -> int:
+    report = build_bundle(args.sources, args.out, args.manifest, args.device)
     for split in ("validation", "test"):
         if split in report:
             part = report[split]

@@ -121,14 +121,19 @@ def load_search_config(path: str | Path | None = None, **overrides: Any) -> Sear
             data.setdefault("data", {})[key[5:]] = value
         else:
             data[key] = value
+    return search_config_from_mapping(data, str(path or "tune config"))
+
+
+def search_config_from_mapping(data: dict, where: str = "tune config") -> SearchConfig:
+    """A ``SearchConfig`` from a mapping; unknown keys are refused, naming the valid ones."""
     known = {f.name for f in dataclasses.fields(SearchConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{path or 'tune config'}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
     try:
         return SearchConfig(**data)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path or 'tune config'}: {exc}") from exc
+        raise ValueError(f"{where}: {exc}") from exc
 
 
 def _storage_root(path: str) -> str:
