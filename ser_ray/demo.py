@@ -308,10 +308,9 @@ def _annotate(cfg: DemoConfig, out: Path, bundle_dir: Path, stages: Stages, thro
         files, segments = ResultWriter(str(annotations)).read_tables()
         acc = window_accuracy(segments, timeline)
         ok = files[files["status"] == "ok"]
-        first = ok["uri"].iloc[0] if len(ok) else None
-        if first is not None:
-            truth = timeline[timeline["file"].map(lambda f: Path(str(f)).name) == Path(first).name]
-            plot_timeline(segments, first, str(annotations / "timeline.png"), truth=truth)
+        for uri in ok["uri"][:8]:  # one emotion timeline per recording (the report shows each)
+            truth = timeline[timeline["file"].map(lambda f: Path(str(f)).name) == Path(uri).name]
+            plot_timeline(segments, uri, str(annotations / f"timeline-{Path(uri).stem}.png"), truth=truth)
         plot_label_distribution(files, str(annotations / "label_distribution.png"))
         audio_s = float(summary.get("audio_s", 0.0))
         wall_s = float(summary.get("wall_s", 0.0)) or float("nan")

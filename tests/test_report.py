@@ -138,3 +138,48 @@ def test_report_command_and_missing_sections(tmp_path, result_dir):
     out = tmp_path / "elsewhere.html"
     assert cli.main(["report", "--from", str(result_dir), "--out", str(out)]) == 0
     assert parse(out).missing == set()
+
+
+def test_report_headline_first_and_numbers_read_well(result_dir):
+    text = render_report(result_dir).read_text()
+    assert text.index('<section id="headline">') < text.index('<section id="corpus">')
+    headline = text[text.index('<section id="headline">'):text.index('<section id="corpus">')]
+    assert "UA 0.800" in headline and "cnn: val UA 0.800, test UA 0.800" in headline and "files 2" in headline
+    assert ">nan<" not in text.lower() and "<td>0.000</td>" not in text  # no NaN cells, no rounded-away values
+    from ser_ray.report.html import number
+
+    assert [number(x) for x in (1.3e-4, 0.98765, 12.345, 1234, float("nan"))] == ["1.3e-04", "0.988", "12.35",
+                                                                                  "1,234", "–"]
+
+
+def test_report_renders_in_a_headless_browser(result_dir, tmp_path):
+    """What a person sees: the headline on top, every image decoded, no table wider than the page.
+    Runs where Debian's chromium + chromium-driver and selenium are installed; skipped elsewhere."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("chromium and chromium-driver are not installed")
+    path = render_report(result_dir, tmp_path / "report.html")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1600"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    try:
+        browser.get(path.as_uri())
+        headline = browser.find_element(By.ID, "headline")
+        assert headline.is_displayed() and "UA 0.800" in headline.text
+        assert headline.location["y"] < browser.find_element(By.ID, "corpus").location["y"]
+        widths = browser.execute_script("return Array.from(document.images).map(i => i.naturalWidth)")
+        assert len(widths) >= 5 and min(widths) > 0  # every embedded PNG decoded
+        overflow = browser.execute_script(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0, f"the page scrolls sideways by {overflow} px"
+        browser.save_screenshot(str(tmp_path / "report.png"))
+        assert (tmp_path / "report.png").stat().st_size > 10_000
+    finally:
+        browser.quit()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
+import numbers
 import time
 from pathlib import Path
 
@@ -28,10 +30,14 @@ img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}
 .missing{color:#999;font-style:italic}.leaky{color:#b00;font-weight:bold}
 .figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{margin:0;flex:1 1 45%}
 code{background:#f5f5f5;padding:1px 4px}
+.scroll{overflow-x:auto;max-width:100%}
+.headline{background:#f6f8fa;border:1px solid #d0d7de;border-radius:6px;padding:0.6em 1.2em}
+.headline .big{font-size:1.6em;font-weight:600}
 """
 
 # (section id, title, description)
 SECTIONS = [
+    ("headline", "Headline", "What this run produced, in one place; the sections below hold the details."),
     ("corpus", "Corpus", "What was trained on: clips per emotion, durations, speakers."),
     ("splits", "Split protocol", "Speaker-disjoint splits: no speaker is on both sides."),
     ("search", "Hyperparameter search", "Every trial of the Optuna (TPE) + ASHA search."),
@@ -55,10 +61,33 @@ def _figs(paths) -> str:
     return '<div class="figs">' + "".join(_img(p) for p in paths) + "</div>" if paths else ""
 
 
+def number(x) -> str:
+    """A number as people read it: 1,234 · 0.987 · 12.3 · 1.3e-04; missing values as a dash."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, (bool, str)) or not isinstance(x, numbers.Number):
+        return str(x)
+    if isinstance(x, numbers.Integral) or (float(x).is_integer() and abs(x) >= 1000):
+        return f"{int(x):,}"
+    x = float(x)
+    magnitude = abs(x)
+    if magnitude == 0:
+        return "0"
+    if magnitude < 1e-3 or magnitude >= 1e6:
+        return f"{x:.2g}" if magnitude >= 1e6 else f"{x:.1e}"
+    if magnitude < 1:
+        return f"{x:.3f}"
+    return f"{x:,.1f}" if magnitude >= 100 else f"{x:.2f}"
+
+
 def _table(df: pd.DataFrame, max_rows: int = 40) -> str:
-    if len(df) > max_rows:
+    """An HTML table inside a horizontal scroller (wide tables stay inside the page)."""
+    more = len(df) - max_rows
+    if more > 0:
         df = df.head(max_rows)
-    return df.to_html(index=False, float_format=lambda x: f"{x:.3f}", border=0, escape=True)
+    cells = df.astype(object).map(lambda v: number(v) if isinstance(v, numbers.Number) or v is None else v)
+    note = f'<p class="missing">… {more} more rows in the CSV.</p>' if more > 0 else ""
+    return '<div class="scroll">' + cells.to_html(index=False, border=0, escape=True, na_rep="–") + "</div>" + note
 
 
 def _json(path: Path) -> dict | None:
@@ -108,14 +137,52 @@ def section_splits(root: Path) -> str:
     return "".join(parts)
 
 
+def section_headline(root: Path) -> str:
+    """Ensemble test scores and what they were measured on, the search's best trials, the archive."""
+    items = []
+    ens = _find(root, "**/ensemble_metrics.json")
+    if ens:
+        data = _json(ens[0]) or {}
+        test = (data.get("test") or {}).get("ensemble")
+        if isinstance(test, dict):
+            bundle = _json(ens[0].parent / "bundle.json") or {}
+            summary = bundle.get("data_summary") or {}
+            on = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary.items() if isinstance(v, (int, str))
+                           and k in ("corpus", "split", "n_val", "n_test"))
+            items.append(f'<p class="big">Ensemble on held-out test speakers: UA {number(test.get("ua"))} · '
+                         f'WA {number(test.get("wa"))} · macro-F1 {number(test.get("macro_f1"))}</p>'
+                         + (f"<p>{html.escape(on)}; weights fitted on the validation speakers.</p>" if on else ""))
+    best = _find(root, "**/best.json")
+    if best:
+        lines = [f"{html.escape(family)}: val UA {number(info['val'].get('ua'))}"
+                 + (f", test UA {number(info['test'].get('ua'))}" if isinstance(info.get("test"), dict) else "")
+                 for family, info in (_json(best[0]) or {}).items()
+                 if not family.startswith("_") and isinstance(info, dict) and isinstance(info.get("val"), dict)]
+        if lines:
+            items.append("<p>Best trial per family: " + " · ".join(lines) + "</p>")
+    ann = _find(root, "**/annotation_summary.json")
+    if ann:
+        data = _json(ann[0]) or {}
+        shown = {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if shown:
+            items.append("<p>Archive: " + " · ".join(f"{html.escape(k.replace('_', ' '))} {number(v)}"
+                                                     for k, v in list(shown.items())[:6]) + "</p>")
+    return '<div class="headline">' + "".join(items) + "</div>" if items else _missing("results to summarise")
+
+
 def section_search(root: Path) -> str:
     trials = _find(root, "**/trials.csv")
     if not trials:
         return _missing("trials.csv (run `ser-ray tune`)")
     df = pd.read_csv(trials[0])
-    keep = [c for c in df.columns if not c.startswith("config/") or c.count("/") == 1][:14]
-    parts = [f"<p>{len(df)} trials from <code>{html.escape(str(trials[0].relative_to(root)))}</code>.</p>",
-             _table(df[keep])]
+    # what was searched (param/*) and how it went; the JSON config and paths stay in the CSV
+    first = [c for c in ("trial_id", "family", "best_val_ua", "best_val_wa", "best_val_macro_f1", "epochs_run",
+                         "stop_reason", "is_default") if c in df.columns]
+    keep = first + [c for c in df.columns if c.startswith("param/")]
+    if "best_val_ua" in df:
+        df = df.sort_values("best_val_ua", ascending=False)
+    parts = [f"<p>{len(df)} trials from <code>{html.escape(str(trials[0].relative_to(root)))}</code>, best first "
+             "(every column in the CSV).</p>", _table(df[keep].rename(columns=lambda c: c.removeprefix("param/")))]
     parts.append(_figs(_find(trials[0].parent, "*.png")))
     return "".join(parts)
 
@@ -206,6 +273,7 @@ def render_report(result_dir: str | Path, out: str | Path | None = None, title: 
     root = Path(result_dir)
     out = Path(out) if out else root / "report.html"
     builders = {
+        "headline": section_headline,
         "corpus": section_corpus,
         "splits": section_splits,
         "search": section_search,
