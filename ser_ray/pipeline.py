@@ -59,14 +59,7 @@ def load_pipeline_config(path: str, **overrides) -> PipelineConfig:
         unknown = sorted(set(annotate) - set(ANNOTATE_KEYS))
         if unknown:
             raise ValueError(f"{path}: annotate: unknown key(s) {unknown}; valid: {list(ANNOTATE_KEYS)}")
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if key.startswith("data."):
-            data.setdefault("data", {})[key[5:]] = value
-        else:
-            data[key] = value
-    return PipelineConfig(search=search_config_from_mapping(data, str(path)), annotate=annotate)
+    return PipelineConfig(search=search_config_from_mapping(data, str(path), **overrides), annotate=annotate)
 
 
 class _Stage:

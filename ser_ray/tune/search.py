@@ -114,18 +114,20 @@ def load_search_config(path: str | Path | None = None, **overrides: Any) -> Sear
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a tune config is a YAML mapping (see configs/tune-synthetic.yaml)")
+    return search_config_from_mapping(data, str(path or "tune config"), **overrides)
+
+
+def search_config_from_mapping(data: dict, where: str = "tune config", **overrides: Any) -> SearchConfig:
+    """A ``SearchConfig`` from a mapping and keyword overrides (``data.root=...``; ``None`` values are
+    ignored); unknown keys are refused, naming the valid ones."""
+    data = dict(data)
     for key, value in overrides.items():
         if value is None:
             continue
         if key.startswith("data."):
-            data.setdefault("data", {})[key[5:]] = value
+            data["data"] = {**(data.get("data") or {}), key[5:]: value}
         else:
             data[key] = value
-    return search_config_from_mapping(data, str(path or "tune config"))
-
-
-def search_config_from_mapping(data: dict, where: str = "tune config") -> SearchConfig:
-    """A ``SearchConfig`` from a mapping; unknown keys are refused, naming the valid ones."""
     known = {f.name for f in dataclasses.fields(SearchConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
