@@ -26,12 +26,16 @@ def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int
 
     if ray.is_initialized():
         return False
+    # workers' own output (Ray's warnings, library chatter) stays in Ray's log files unless -v
+    to_driver = logging.getLogger().isEnabledFor(logging.DEBUG)
     address = address or os.environ.get("RAY_ADDRESS")
     if address or os.environ.get("RAY_JOB_ID"):
-        ray.init(address=address or "auto")
+        ray.init(address=address or "auto", log_to_driver=to_driver)
         log.info("joined the Ray cluster at %s", address or "auto")
         return False
-    ray.init(address="local", include_dashboard=dashboard, num_cpus=num_cpus)
+    ray.init(address="local", include_dashboard=dashboard, num_cpus=num_cpus, log_to_driver=to_driver)
+    log.info("started a local Ray (%s); worker logs are in its session directory (-v shows them here)",
+             ray.get_runtime_context().gcs_address)
     return True
 
 

@@ -1,4 +1,5 @@
-"""`ray job submit` of jobs/tune.py against a real local Ray head (its own ports and temp dir)."""
+"""`ray job submit` of jobs/pipeline.py against a real local Ray head (its own ports and temp dir), then
+the user's own commands on what it left: `ser-ray ensemble --from EXPERIMENT` and `ser-ray annotate`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from conftest import free_port
+from ser_ray.annotate.writer import ResultWriter
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -62,13 +64,18 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.mark.timeout(480)
-def test_tune_job_runs_under_ray_job_submit(ray_head, tmp_path):
+@pytest.mark.timeout(600)
+def test_pipeline_job_runs_under_ray_job_submit_and_resumes(ray_head, tmp_path):
     from ser_ray.corpora.synthetic import generate
 
     corpus = tmp_path / "synthetic"
     generate(corpus, actors=8, seed=0, sentences=["TIE", "IOM"], emotions=["neutral", "anger", "happiness", "sadness"],
              workers=1, progress=False)
+    incoming = tmp_path / "incoming"  # an archive to label with the bundle the job builds
+    incoming.mkdir()
+    for i, clip in enumerate(sorted(corpus.rglob("*.wav"))[:3]):
+        shutil.copy(clip, incoming / f"rec{i}.wav")
+    (incoming / "notes.txt").write_text("not audio")
     config = {
         "name": "job-tune",
         "data": {"corpus": "synthetic", "root": str(corpus), "protocol": "kfold", "k": 4, "test_fold": 0,
@@ -80,20 +87,34 @@ def test_tune_job_runs_under_ray_job_submit(ray_head, tmp_path):
         "train": {"patience": 0, "batch_size": 16},
         "space": {"cnn": {"hparams": {"width": {"choice": [8, 16]}}},
                   "bigru_attn": {"hparams": {"hidden": {"choice": [16, 32]}, "layers": 1}}},
+        "annotate": {"input": str(incoming), "hop_s": 1.5},
     }
-    config_path = tmp_path / "tune.yaml"
+    config_path = tmp_path / "pipeline.yaml"
     config_path.write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
 
-    submit = subprocess.run(
-        [RAY, "job", "submit", "--working-dir", str(REPO), "--submission-id", "tune-test", "--",
-         "python", "jobs/tune.py", "--config", str(config_path), "--out", str(out)],
-        env=ray_head, capture_output=True, text=True, timeout=420,
-    )
-    logs = submit.stdout + submit.stderr
-    status = subprocess.run([RAY, "job", "status", "tune-test"], env=ray_head, capture_output=True, text=True, timeout=60)
-    status_text = status.stdout + status.stderr  # the CLI logs the status line to stderr
-    assert submit.returncode == 0 and "succeeded" in status_text.lower(), f"job did not succeed ({status_text.strip()}):\n{logs[-5000:]}"
+    def submit(submission_id: str) -> str:
+        done = subprocess.run(
+            [RAY, "job", "submit", "--working-dir", str(REPO), "--submission-id", submission_id, "--",
+             "python", "jobs/pipeline.py", "--config", str(config_path), "--out", str(out)],
+            env=ray_head, capture_output=True, text=True, timeout=420,
+        )
+        logs = done.stdout + done.stderr
+        status = subprocess.run([RAY, "job", "status", submission_id], env=ray_head, capture_output=True, text=True,
+                                timeout=60)
+        status_text = status.stdout + status.stderr  # the CLI logs the status line to stderr
+        assert done.returncode == 0 and "succeeded" in status_text.lower(), \
+            f"job did not succeed ({status_text.strip()}):\n{logs[-5000:]}"
+        return logs
+
+    logs = submit("pipeline-1")
+    assert "[1/3] search" in logs and "[2/3] ensemble" in logs and "[3/3] annotate" in logs
+    assert "trial 5/5" in logs  # one line per finished trial, not Tune's tables
+    experiment = out / "job-tune"
+    files, _ = ResultWriter(str(experiment / "annotations")).read_tables()
+    assert len(files) == 4 and (files["status"] == "ok").sum() == 3
+    again = submit("pipeline-2")  # finished stages are skipped, the archive is not labelled twice
+    assert again.count("skipped:") == 2 and "4 already done" in again
 
     experiment = out / "job-tune"
     table = pd.read_parquet(experiment / "trials.parquet")
@@ -114,10 +135,8 @@ def test_tune_job_runs_under_ray_job_submit(ray_head, tmp_path):
         model, meta = load_model(entry["checkpoint_path"])
         assert meta.family == family
     assert (experiment / "search_curves.png").stat().st_size > 0
-    assert f"{len(table)} trial(s)" in logs
 
-    # the user's path on: the experiment alone names the models and the split to ensemble them on
-    from ser_ray.annotate.writer import ResultWriter
+    # the user's own path on: the experiment alone names the models and the split to ensemble them on
     from ser_ray.cli import main
 
     split = pd.read_parquet(experiment / "split.parquet")
