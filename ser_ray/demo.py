@@ -142,7 +142,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             DataContext.get_current().enable_progress_bars = False
 
         result = _search(cfg, out, corpus, stages, throughput)
-        bundle_dir, ens_report = _ensemble(out, result, manifest, stages)
+        bundle_dir, ens_report = _ensemble(out, result, stages)
         annotation = _annotate(cfg, out, bundle_dir, stages, throughput, plan)
     finally:
         try:
@@ -217,58 +217,47 @@ def _search(cfg: DemoConfig, out: Path, corpus: Path, stages: Stages, throughput
     for family, best in result.best.items():
         print(f"    best {family}: val UA {best['val']['ua']:.3f}"
               + (f", test UA {best['test']['ua']:.3f}" if best.get("test") else ""))
-    _write_json(out / "splits" / "folds.json", _split_lists(search))
+    _write_json(out / "splits" / "folds.json", _split_lists(result.path))
     return result
 
 
-def _split_lists(search) -> dict:
-    """The speakers of each side of the search's split (the same functions the search used)."""
-    from ser_ray.corpora.labels import apply_label_map
-    from ser_ray.train.config import DataSpec, TrainConfig
-    from ser_ray.train.cv import assign_folds, fold_frames, load_manifest
+def _split_lists(experiment: str) -> dict:
+    """The speakers and clips of each side of the search's split, from the split.parquet it wrote."""
+    import pandas as pd
 
-    data = search.data if isinstance(search.data, DataSpec) else DataSpec(**search.data)
-    base = TrainConfig.from_dict({**search.train, "data": dataclasses.asdict(data)})
-    manifest = apply_label_map(load_manifest(base), base.label_map)
-    manifest, _ = assign_folds(manifest, data.protocol, data.k, base.seed, data.folds)
-    parts = fold_frames(manifest, data.protocol, data.test_fold, data.val_fraction, base.seed)
+    split = pd.read_parquet(str(Path(experiment) / "split.parquet"))
+    parts = {name: split[split["split"] == name] for name in ("train", "val", "test")}
     return {
-        "protocol": f"{data.protocol} (speaker-disjoint 70/10/20 of actors; validation inside training speakers)",
+        "protocol": "fixed (speaker-disjoint 70/10/20 of actors; validation inside training speakers)",
         "leaky": False,
-        "speakers": {name: sorted(p["speaker"].unique().tolist()) for name, p in zip(("train", "val", "test"), parts)},
-        "clips": {name: int(len(p)) for name, p in zip(("train", "val", "test"), parts)},
+        "speakers": {name: sorted(p["speaker"].unique().tolist()) for name, p in parts.items()},
+        "clips": {name: int(len(p)) for name, p in parts.items()},
     }
 
 
-def _ensemble(out: Path, result, manifest, stages: Stages):
+def _ensemble(out: Path, result, stages: Stages):
+    """The bundle from the experiment alone (``ser-ray ensemble --from``), plus its test confusion matrix."""
     import numpy as np
+    import pandas as pd
 
-    from ser_ray.corpora.labels import apply_label_map
-    from ser_ray.ensemble.bundle import save_bundle
-    from ser_ray.ensemble.fit import fit_bundle_from_dirs, label_ids, windows_from_frame
+    from ser_ray.ensemble.bundle import load_bundle
+    from ser_ray.ensemble.commands import build_bundle
+    from ser_ray.ensemble.fit import label_ids, windows_from_frame
     from ser_ray.report.plots import plot_confusion
     from ser_ray.train.metrics import classification_metrics
 
     with stages("ensemble of the best model per family"):
-        folds = json.loads((out / "splits" / "folds.json").read_text())
-        manifest = apply_label_map(manifest, "six")
-        val_df = manifest[manifest["speaker"].isin(folds["speakers"]["val"])]
-        test_df = manifest[manifest["speaker"].isin(folds["speakers"]["test"])]
-        model_dirs = [b["checkpoint_path"] for b in result.best.values()]
-        bundle, report = fit_bundle_from_dirs(
-            model_dirs, val_df, test_df,
-            data_summary={"corpus": "synthetic", "split": folds["protocol"], "leaky": False},
-        )
         bundle_dir = out / "bundle"
         shutil.rmtree(bundle_dir, ignore_errors=True)
-        save_bundle(bundle, str(bundle_dir))
-        _write_json(out / "bundle" / "ensemble_metrics.json", report)
+        report = build_bundle([result.path], str(bundle_dir))
+        bundle = load_bundle(str(bundle_dir))
         # the ensemble's confusion matrix on the held-out test speakers
+        split = pd.read_parquet(str(Path(result.path) / "split.parquet"))
+        test_df = split[(split["split"] == "test") & split["emotion"].isin(bundle.labels)]
         waves = windows_from_frame(test_df, bundle.sample_rate, bundle.window_s)
-        y = label_ids(test_df["emotion"], bundle.labels)
         pred = bundle.predict_proba(waves).argmax(axis=1)
-        metrics = classification_metrics(y, pred, bundle.labels)
-        plot_confusion(np.array(metrics["confusion"]), bundle.labels, str(out / "bundle" / "ensemble_test_confusion.png"))
+        metrics = classification_metrics(label_ids(test_df["emotion"], bundle.labels), pred, bundle.labels)
+        plot_confusion(np.array(metrics["confusion"]), bundle.labels, str(bundle_dir / "ensemble_test_confusion.png"))
         ens = report.get("test", {}).get("ensemble", {})
         print(f"    weights {report['validation']['weights']}")
         print(f"    test (held-out speakers): ensemble UA {ens.get('ua', float('nan')):.3f} "

@@ -58,6 +58,10 @@ def build_bundle(sources: list[str], out: str, manifest_path: str | None = None,
         "n_test": int(len(test)),
         "sources": dirs,
     }
+    searched = (best.get("_search") or {}).get("split") or {}
+    if searched:  # how the search split its speakers: shown beside every score of this bundle
+        summary.update(split=f"{searched.get('protocol')} fold {searched.get('test_fold')}",
+                       leaky=bool(searched.get("leaky")))
     bundle, report = fit_bundle_from_dirs(dirs, val, test, device=device, data_summary=summary)
     save_bundle(bundle, out)
     storage.write_bytes(storage.join(out, "ensemble_metrics.json"), json.dumps(report, indent=2).encode())

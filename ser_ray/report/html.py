@@ -147,8 +147,10 @@ def section_headline(root: Path) -> str:
         if isinstance(test, dict):
             bundle = _json(ens[0].parent / "bundle.json") or {}
             summary = bundle.get("data_summary") or {}
-            on = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary.items() if isinstance(v, (int, str))
-                           and k in ("corpus", "split", "n_val", "n_test"))
+            shown = {"corpus": "corpus", "corpora": "corpora", "split": "split", "n_val": "validation clips",
+                     "n_test": "test clips"}
+            on = ", ".join(f"{shown[k]} {', '.join(map(str, v)) if isinstance(v, list) else v}"
+                           for k, v in summary.items() if k in shown)
             items.append(f'<p class="big">Ensemble on held-out test speakers: UA {number(test.get("ua"))} · '
                          f'WA {number(test.get("wa"))} · macro-F1 {number(test.get("macro_f1"))}</p>'
                          + (f"<p>{html.escape(on)}; weights fitted on the validation speakers.</p>" if on else ""))
