@@ -128,7 +128,9 @@ def test_ensemble_command_from_model_dirs(tmp_path):
         path.parent.mkdir(exist_ok=True)
         sf.write(path, (rng.standard_normal(16_000 * 2) * 0.1).astype(np.float32), 16_000)
         rows.append({
-            "path": str(path), "corpus": "synthetic", "speaker": f"synthetic:{1001 + i % 4}", "gender": "female",
+            # speakers 1001-1002 validate, 1003-1004 test: no speaker on both sides
+            "path": str(path), "corpus": "synthetic", "speaker": f"synthetic:{1001 + 2 * (i >= 10) + i % 2}",
+            "gender": "female",
             "sentence": "IEO", "emotion": LABELS[i % 4], "intensity": "XX", "duration_s": 2.0, "sample_rate": 16_000,
             "split": "val" if i < 10 else "test",
         })
@@ -153,3 +155,7 @@ def test_ensemble_command_from_model_dirs(tmp_path):
     assert abs(sum(m.weight for m in loaded.members) - 1) < 1e-6
     assert loaded.data_summary["n_val"] == 10
     assert loaded.members[0].metrics["validation"]["n"] == 10
+    # a split with a speaker on both sides is refused: weights or scores would see that speaker twice
+    leaky = pd.DataFrame(rows).assign(speaker="synthetic:1001")
+    leaky_path = write_manifest(leaky, str(tmp_path / "leaky.parquet"))
+    assert main(["ensemble", "--from", str(tmp_path / "exp"), "--out", str(tmp_path / "b2"), "--manifest", leaky_path]) == 2

@@ -51,6 +51,11 @@ def build_bundle(sources: list[str], out: str, manifest_path: str | None = None,
     if "split" not in manifest:
         raise SystemExit(f"{manifest_path}: no `split` column; run `ser-ray splits` first")
     val, test = manifest[manifest["split"] == "val"], manifest[manifest["split"] == "test"]
+    sides = {name: set(manifest.loc[manifest["split"] == name, "speaker"]) for name in ("train", "val", "test")}
+    shared = (sides["train"] & sides["val"]) | (sides["train"] & sides["test"]) | (sides["val"] & sides["test"])
+    if shared:  # weights fitted or scores measured on speakers the models (or weights) saw
+        raise ValueError(f"{manifest_path}: speakers {sorted(shared)[:5]} are on two sides of the split; the ensemble "
+                         "needs speaker-disjoint train/val/test (ser-ray splits writes such a column)")
     summary = {
         "manifest": str(manifest_path),
         "corpora": sorted(manifest["corpus"].unique().tolist()),
