@@ -24,7 +24,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;ma
 padding:0 1em;color:#222;line-height:1.45}
 h1{border-bottom:2px solid #444}h2{margin-top:2em;border-bottom:1px solid #ccc}
 table{border-collapse:collapse;margin:0.8em 0;font-size:0.9em}
-td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}th{background:#f3f3f3}
 td:first-child,th:first-child{text-align:left}
 img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}
 .missing{color:#999;font-style:italic}.leaky{color:#b00;font-weight:bold}
@@ -62,7 +62,7 @@ def _figs(paths) -> str:
 
 
 def number(x) -> str:
-    """A number as people read it: 1,234 · 0.987 · 12.3 · 1.3e-04; missing values as a dash."""
+    """A number as people read it: 1,234 · 0.987 · 1.000 · 12.35 · 1.3e-04; missing values as a dash."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     if isinstance(x, (bool, str)) or not isinstance(x, numbers.Number):
@@ -75,7 +75,7 @@ def number(x) -> str:
         return "0"
     if magnitude < 1e-3 or magnitude >= 1e6:
         return f"{x:.2g}" if magnitude >= 1e6 else f"{x:.1e}"
-    if magnitude < 1:
+    if magnitude < 10:  # scores, probabilities, seconds: three decimals, so 1.000 lines up with 0.994
         return f"{x:.3f}"
     return f"{x:,.1f}" if magnitude >= 100 else f"{x:.2f}"
 
