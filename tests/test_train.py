@@ -104,13 +104,15 @@ def separable_rows(speakers: list[int], per_class: int = 12, seed: int = 0) -> p
 
 @pytest.fixture(scope="module")
 def killed_run(ray_session, tmp_path_factory):
-    """A 3-epoch cnn run whose worker process is killed at the start of epoch 1 (once)."""
+    """A 3-epoch cnn run on two Ray Train workers (DDP over gloo on CPU) whose worker process is killed
+    at the start of epoch 1 (once); the group restarts from the last checkpoint."""
     from ser_ray.train.loop import fit
 
     tmp = tmp_path_factory.mktemp("train")
     train_df = separable_rows([1, 2, 3, 4])
     val_df = separable_rows([5], seed=1)
-    cfg = TrainConfig(family="cnn", hparams={"width": 8}, epochs=3, batch_size=16, lr=3e-3, max_failures=1)
+    cfg = TrainConfig(family="cnn", hparams={"width": 8}, epochs=3, batch_size=16, lr=3e-3, max_failures=1,
+                      num_workers=2, cpus_per_worker=0.5)
     marker = tmp / "killed.txt"
     result = fit(train_df, val_df, LABELS, TINY, cfg, name="killed", storage_path=str(tmp / "ray"),
                  extra_loop_config={"fail_at_epoch": 1, "fail_marker": str(marker)})
@@ -139,6 +141,10 @@ def test_killed_worker_resumes_from_its_checkpoint(killed_run):
     assert [h["restarts"] for h in result.history] == [0, 1, 1]
     for key in ("train_loss", "val_loss", "val_ua", "val_wa", "val_macro_f1", "lr"):
         assert all(np.isfinite(h[key]) for h in result.history), key
+    # two workers: each epoch's shards cover the training set once, and validation scores every
+    # validation clip (confusion matrices summed over workers), not one worker's shard
+    assert all(h["train_n"] == 4 * len(LABELS) * 12 for h in result.history), [h["train_n"] for h in result.history]
+    assert all(h["val_n"] == len(LABELS) * 12 for h in result.history), [h["val_n"] for h in result.history]
     # the best checkpoint is a save_model directory plus the training state
     from ser_ray.models import load_model
 

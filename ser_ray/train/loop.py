@@ -139,7 +139,7 @@ def train_loop_per_worker(config: dict) -> None:
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-        train_loss, train_acc = _all_sum([loss_sum, correct, torch.tensor(float(seen), device=device)])
+        train_loss, train_acc, train_n = _all_sum([loss_sum, correct, torch.tensor(float(seen), device=device)])
 
         # validate
         val = _validate(model, val_shard, cfg, dtypes, device, len(labels), use_amp, loss_fn)
@@ -159,6 +159,7 @@ def train_loop_per_worker(config: dict) -> None:
             "epoch": epoch,
             "train_loss": train_loss,
             "train_acc": train_acc,
+            "train_n": train_n,  # clips seen this epoch over all workers: the shards cover the set once
             **val,
             "lr": float(optimizer.param_groups[-1]["lr"]),
             "best_val_ua": state["best_val_ua"],
@@ -203,6 +204,7 @@ def _validate(model, shard, cfg, dtypes, device, num_classes, use_amp, loss_fn) 
     scores = scores_from_confusion(confusion.cpu().numpy())
     n = max(float(confusion.sum()), 1.0)
     return {
+        "val_n": int(confusion.sum()),  # over all workers: the whole validation set
         "val_loss": float(loss_sum) / n,
         "val_ua": scores["ua"],
         "val_wa": scores["wa"],
@@ -271,14 +273,15 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
-def _all_sum(values: list[torch.Tensor]) -> tuple[float, float]:
-    """(mean loss, accuracy) from per-worker (loss sum, correct, count), summed over workers."""
+def _all_sum(values: list[torch.Tensor]) -> tuple[float, float, int]:
+    """(mean loss, accuracy, count) from per-worker (loss sum, correct, count), summed over workers."""
     stacked = torch.stack([v.double() for v in values])
     if _distributed():
         torch.distributed.all_reduce(stacked)
     loss_sum, correct, count = stacked.tolist()
+    n = int(count)
     count = max(count, 1.0)
-    return loss_sum / count, correct / count
+    return loss_sum / count, correct / count, n
 
 
 def _maybe_fail(config: dict, epoch: int, rank: int) -> None:
