@@ -37,12 +37,10 @@ class PipelineConfig:
     annotate: dict | None = None
 
     @property
-    def experiment(self) -> str:
-        return self.search.experiment_path
+    def experiment(self):  # ser_ray.artefacts.Experiment
+        from ser_ray.artefacts import Experiment
 
-    @property
-    def bundle(self) -> str:
-        return storage.join(self.experiment, "bundle")
+        return Experiment(self.search.experiment_path)
 
 
 def load_pipeline_config(path: str, **overrides) -> PipelineConfig:
@@ -98,13 +96,13 @@ def run_pipeline(config: PipelineConfig) -> dict:
     from ser_ray.tune.search import run_search
 
     stages = _Stage(3 if config.annotate else 2)
-    experiment, bundle = config.experiment, config.bundle
-    best_json = storage.join(experiment, "best.json")
-    result = {"experiment": experiment, "bundle": bundle}
+    experiment = config.experiment
+    bundle, best_json = experiment.bundle, experiment.best_json
+    result = {"experiment": experiment.root, "bundle": bundle}
 
     start = stages.start(f"search: {config.search.num_samples} trials over {', '.join(config.search.families)} "
-                         f"-> {experiment}")
-    if storage.exists(best_json) and storage.exists(storage.join(experiment, "split.parquet")):
+                         f"-> {experiment.root}")
+    if experiment.searched():
         stages.skipped("best.json and split.parquet exist (delete the experiment to search again)")
     else:
         search = run_search(config.search, resume=True)
@@ -116,7 +114,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         stages.skipped("the bundle is newer than best.json")
         report = json.loads(storage.read_bytes(storage.join(bundle, "ensemble_metrics.json")))
     else:
-        report = build_bundle([experiment], bundle)
+        report = build_bundle([experiment.root], bundle)
         test = (report.get("test") or {}).get("ensemble", {})
         stages.done(start, f"weights {report['validation']['weights']}; test speakers: UA {test.get('ua', float('nan')):.3f}")
     result["ensemble_test"] = (report.get("test") or {}).get("ensemble")
@@ -127,7 +125,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
         section = dict(config.annotate)
         source = section.pop("input")
-        output = section.pop("output", None) or storage.join(experiment, "annotations")
+        output = section.pop("output", None) or experiment.annotations
         start = stages.start(f"annotate {source} -> {output}")
         summary = annotate_archive(source, output, bundle, AnnotateConfig(**section), progress=True)
         stages.done(start, f"{summary['n_processed']} files labelled ({summary['n_error']} errors), "

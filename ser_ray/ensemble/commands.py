@@ -24,8 +24,11 @@ def add_arguments(parser, command_name: str = "ensemble") -> None:
 
 def model_dirs_from(sources: list[str]) -> tuple[list[str], dict]:
     """Model directories, and best.json's content when ``sources`` is one experiment directory."""
-    if len(sources) == 1 and storage.exists(storage.join(sources[0], "best.json")):
-        best = json.loads(storage.read_bytes(storage.join(sources[0], "best.json")))
+    from ser_ray.artefacts import Experiment
+
+    experiment = Experiment(sources[0])
+    if len(sources) == 1 and storage.exists(experiment.best_json):
+        best = experiment.read_best()
         dirs = [entry["checkpoint_path"] for _, entry in sorted(best.items()) if isinstance(entry, dict) and "checkpoint_path" in entry]
         if not dirs:
             raise ValueError(f"{sources[0]}/best.json names no checkpoint_path")

@@ -499,17 +499,19 @@ def best_per_family(table: pd.DataFrame) -> dict[str, pd.Series]:
 
 def write_best(table: pd.DataFrame, data: SearchData | None, cfg: SearchConfig) -> dict:
     """``best.json`` + ``best/<family>/model``: the best trial per family, its val and test metrics."""
+    from ser_ray.artefacts import Experiment
     from ser_ray.models import load_model, save_model
 
+    experiment = Experiment(cfg.experiment_path)
     best = {}
     split_path = None
     if data is not None and data.split_manifest is not None:
         # the search's own split, so `ser-ray ensemble --from EXPERIMENT` fits on the same validation
         # speakers and tests on the same held-out ones, with no other input
-        split_path = storage.join(cfg.experiment_path, "split.parquet")
+        split_path = experiment.split
         storage.write_parquet(split_path, data.split_manifest)
     for family, row in best_per_family(table).items():
-        model_dir = storage.join(cfg.experiment_path, "best", family, "model")
+        model_dir = experiment.model_dir(family)
         model, meta = load_model(row["checkpoint_path"])
         save_model(model_dir, model, family=meta.family, hparams=meta.hparams, labels=meta.labels,
                    feature_config=meta.feature_config, extra=meta.extra)
@@ -545,20 +547,16 @@ def write_best(table: pd.DataFrame, data: SearchData | None, cfg: SearchConfig) 
     summary = {"metric": cfg.metric, "selection": "validation", "families": best,
                "experiment": cfg.experiment_path, "n_trials": int(len(table)), "manifest": split_path,
                "split": {"protocol": cfg.data.protocol, "test_fold": cfg.data.test_fold, "leaky": False}}
-    blob = json.dumps({**best, "_search": summary}, indent=1, default=_json_default).encode()
-    storage.write_bytes(storage.join(cfg.experiment_path, "best.json"), blob)
+    experiment.write_best(best, summary)
     return best
 
 
-def _json_default(value):
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
-
-
 def write_table(table: pd.DataFrame, cfg: SearchConfig) -> None:
-    storage.write_parquet(storage.join(cfg.experiment_path, "trials.parquet"), table)
-    storage.write_bytes(storage.join(cfg.experiment_path, "trials.csv"), table.to_csv(index=False).encode())
+    from ser_ray.artefacts import Experiment
+
+    experiment = Experiment(cfg.experiment_path)
+    storage.write_parquet(experiment.trials, table)
+    storage.write_bytes(experiment.trials_csv, table.to_csv(index=False).encode())
 
 
 # -- the whole search ------------------------------------------------------------------------------
