@@ -272,6 +272,7 @@ def _annotate(cfg: DemoConfig, out: Path, bundle_dir: Path, stages: Stages, thro
     from ser_ray.annotate.accuracy import window_accuracy
     from ser_ray.annotate.writer import ResultWriter
     from ser_ray.corpora.synthetic import generate_archive
+    from ser_ray.report.archive import render_archive
     from ser_ray.report.timeline import plot_label_distribution, plot_timeline
     from ser_ray.annotate.endpoint import annotate_via_endpoint
     from ser_ray.auth import digest
@@ -301,6 +302,7 @@ def _annotate(cfg: DemoConfig, out: Path, bundle_dir: Path, stages: Stages, thro
             truth = timeline[timeline["file"].map(lambda f: Path(str(f)).name) == Path(uri).name]
             plot_timeline(segments, uri, str(annotations / f"timeline-{Path(uri).stem}.png"), truth=truth)
         plot_label_distribution(files, str(annotations / "label_distribution.png"))
+        render_archive(files, segments, annotations / "archive.html", title="Archive: the synthetic recordings")
         audio_s = float(summary.get("audio_s", 0.0))
         wall_s = float(summary.get("wall_s", 0.0)) or float("nan")
         annotation = {

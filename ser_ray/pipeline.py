@@ -120,6 +120,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     result["ensemble_test"] = (report.get("test") or {}).get("ensemble")
 
     if config.annotate:
+        from ser_ray.annotate.commands import write_page
         from ser_ray.annotate.core import AnnotateConfig
         from ser_ray.annotate.offline import annotate_archive
 
@@ -128,9 +129,10 @@ def run_pipeline(config: PipelineConfig) -> dict:
         output = section.pop("output", None) or experiment.annotations
         start = stages.start(f"annotate {source} -> {output}")
         summary = annotate_archive(source, output, bundle, AnnotateConfig(**section), progress=True)
+        page = write_page(output)
         stages.done(start, f"{summary['n_processed']} files labelled ({summary['n_error']} errors), "
-                           f"{summary['n_skipped']} already done")
-        result.update(annotations=output, annotate=summary)
+                           f"{summary['n_skipped']} already done" + (f"; archive page {page}" if page else ""))
+        result.update(annotations=output, annotate=summary, archive_page=page)
     return result
 
 

@@ -113,6 +113,7 @@ def test_pipeline_job_runs_under_ray_job_submit_and_resumes(ray_head, tmp_path):
     experiment = out / "job-tune"
     files, _ = ResultWriter(str(experiment / "annotations")).read_tables()
     assert len(files) == 4 and (files["status"] == "ok").sum() == 3
+    assert (experiment / "annotations" / "archive.html").read_text().count('class="file"') == 4
     again = submit("pipeline-2")  # finished stages are skipped, the archive is not labelled twice
     assert again.count("skipped:") == 2 and "4 already done" in again
 
@@ -157,6 +158,7 @@ def test_pipeline_job_runs_under_ray_job_submit_and_resumes(ray_head, tmp_path):
                  "--batch-files", "2"]) == 0
     files, _ = ResultWriter(str(labels)).read_tables()
     assert len(files) == 3 and (files["status"] == "ok").all()
+    assert (labels / "archive.html").read_text().count('class="file"') == 3
     # a user error is one line and exit code 2, not a traceback
     assert main(["ensemble", "--from", str(experiment), "--out", str(tmp_path / "b2"),
                  "--manifest", str(tmp_path / "missing.parquet")]) == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -181,5 +182,93 @@ def test_report_renders_in_a_headless_browser(result_dir, tmp_path):
         assert overflow <= 0, f"the page scrolls sideways by {overflow} px"
         browser.save_screenshot(str(tmp_path / "report.png"))
         assert (tmp_path / "report.png").stat().st_size > 10_000
+    finally:
+        browser.quit()
+
+
+@pytest.fixture(scope="module")
+def archive_output(tmp_path_factory):
+    """A real annotation output (the writer's committed parts) over real WAV files."""
+    import soundfile as sf
+
+    from ser_ray.annotate.writer import ResultWriter
+
+    root = tmp_path_factory.mktemp("archive")
+    audio = root / "audio"
+    audio.mkdir()
+    for name in ("a.wav", "c.wav"):
+        sf.write(audio / name, np.zeros(16000 * 6, dtype=np.float32), 16000)
+    (audio / "b.wav").write_bytes(b"not audio")
+    a, b, c = (str(audio / n) for n in ("a.wav", "b.wav", "c.wav"))
+    probs = {f"prob_{lb}": 1 / 3 for lb in LABELS}
+    segments = [{"uri": a, "start_s": s, "end_s": s + 3.0, "label": lb, "confidence": conf, **probs}
+                for s, lb, conf in ((0.0, "anger", 0.9), (1.5, "sadness", 0.4), (3.0, "anger", 0.7))]
+    files = [{"uri": a, "status": "ok", "label": "anger", "n_segments": 3},
+             {"uri": b, "status": "error", "label": None, "error": "not an audio file", "n_segments": 0},
+             {"uri": c, "status": "ok", "label": None, "n_segments": 0}]
+    out = root / "annotations"
+    with ResultWriter(str(out)) as writer:
+        writer.commit(files, segments)
+    return out
+
+
+def test_archive_page_lists_every_file_with_its_windows(archive_output, tmp_path):
+    from ser_ray.annotate.commands import write_page
+
+    page = write_page(str(archive_output))
+    assert page == str(archive_output / "archive.html")
+    text = Path(page).read_text()
+    assert text.count('class="file"') == 3  # one block per input file, errors and silence included
+    assert "not an audio file" in text and "no speech found" in text
+    assert text.count("<rect ") == 3 and text.count('title="play this window"') == 3
+    assert 'data-src="../audio/a.wav"' in text  # relative to the page, so both can move together
+    assert write_page(str(archive_output), "none") is None
+    assert write_page(str(tmp_path / "empty")) is None  # nothing committed: no page
+
+
+def test_archive_page_filters_and_plays_in_a_headless_browser(archive_output, tmp_path):
+    """Filter by label and confidence, click a window and the player loads that recording at that range.
+    Runs where Debian's chromium + chromium-driver and selenium are installed; skipped elsewhere."""
+    import shutil
+    import time
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from ser_ray.annotate.commands import write_page
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("chromium and chromium-driver are not installed")
+    page = Path(write_page(str(archive_output)))
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000",
+                "--autoplay-policy=no-user-gesture-required", "--allow-file-access-from-files"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    try:
+        browser.get(page.as_uri())
+        shown = lambda: browser.find_element(By.ID, "shown").text  # noqa: E731
+        assert shown() == "3"
+        Select(browser.find_element(By.ID, "label")).select_by_value("sadness")
+        assert shown() == "1"
+        Select(browser.find_element(By.ID, "label")).select_by_value("")
+        browser.execute_script("const c = document.getElementById('conf'); c.value = '0.8';"
+                               "c.dispatchEvent(new Event('input'))")
+        assert shown() == "1"
+        dimmed = browser.execute_script("return document.querySelectorAll('rect.off').length")
+        assert dimmed == 2
+        browser.find_elements(By.CSS_SELECTOR, "svg.timeline rect")[1].click()  # the 1.5–4.5 s window
+        player = browser.find_element(By.ID, "player")
+        assert player.get_attribute("src").endswith("/audio/a.wav#t=1.5,4.5")
+        deadline = time.monotonic() + 10
+        while browser.execute_script("return arguments[0].readyState", player) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert browser.execute_script("return arguments[0].duration", player) == pytest.approx(6.0, abs=0.05)
+        assert browser.execute_script("return arguments[0].currentTime", player) == pytest.approx(1.5, abs=0.3)
+        browser.save_screenshot(str(tmp_path / "archive.png"))
+        assert (tmp_path / "archive.png").stat().st_size > 10_000
     finally:
         browser.quit()

@@ -34,6 +34,12 @@ def add_arguments(parser, command_name: str = "annotate") -> None:
     parser.add_argument("--api-key-file", default=None,
                         help="with --endpoint: file holding the API key (default: $SER_RAY_API_KEY, "
                              "else ~/.config/ser-ray/api-key)")
+    parser.add_argument("--page", default=None,
+                        help="where to write the archive page (every file's emotion timeline, filters by label and "
+                             "confidence, click a window to play it); default OUTPUT/archive.html for a local "
+                             "output, none for s3:// unless given; `none` skips it. Rerunning on a finished "
+                             "output only rewrites the page")
+    parser.add_argument("--page-max-files", type=int, default=300, help="files shown on the archive page")
 
 
 def run(args) -> int:
@@ -62,4 +68,22 @@ def run(args) -> int:
             max_attempts=args.max_attempts,
         )
     log.info("summary: %s", {k: v for k, v in summary.items() if k != "batches"})
+    page = write_page(args.output, args.page, args.format, args.page_max_files)
+    if page:
+        print(f"archive page: {page}")
     return 0
+
+
+def write_page(output: str, page: str | None = None, fmt: str = "parquet", max_files: int = 300) -> str | None:
+    """Render the archive page of the annotation output ``output``; returns its path (None when skipped)."""
+    from ser_ray import storage
+    from ser_ray.annotate.writer import ResultWriter
+    from ser_ray.report.archive import render_archive
+
+    if page == "none" or (page is None and storage.is_s3(output)):
+        return None
+    page = page or f"{output.rstrip('/')}/archive.html"
+    files, segments = ResultWriter(output, fmt).read_tables()
+    if not len(files):
+        return None
+    return str(render_archive(files, segments, page, title=f"Archive: {output}", max_files=max_files))

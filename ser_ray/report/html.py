@@ -259,6 +259,10 @@ def section_annotation(root: Path) -> str:
     if summary:
         data = _json(summary[0]) or {}
         parts.append(_table(pd.DataFrame([{k: v for k, v in data.items() if not isinstance(v, (dict, list))}])))
+    for page in _find(root, "**/archive.html"):  # written by `ser-ray report --annotations` and the demo
+        rel = page.relative_to(root).as_posix()
+        parts.append(f'<p>Every file, its timeline and its windows, filterable and playable: '
+                     f'<a href="{html.escape(rel)}">{html.escape(rel)}</a></p>')
     parts.append(_figs([p for p in _find(root, "**/*.png") if "timeline" in p.name or "label_distribution" in p.name]))
     return "".join(parts) if any(parts) else _missing("annotation outputs (run `ser-ray annotate`)")
 
