@@ -57,3 +57,29 @@ def fit_weights(member_probs: Sequence[np.ndarray], y: np.ndarray) -> np.ndarray
 
     res = minimize(loss, np.zeros(len(stack)), jac=True, method="L-BFGS-B")
     return softmax(res.x)
+
+
+def choose_weights(member_probs: Sequence[np.ndarray], y: np.ndarray, groups=None) -> tuple[np.ndarray, str]:
+    """Mixture weights and how they were chosen: ``"fitted"`` (:func:`fit_weights`) or ``"equal"``.
+
+    Fitted weights follow the held-out data they were fitted on, noise included. With ``groups`` (the
+    speaker of each row) spanning three or more speakers, the two are compared by leave-one-speaker-out
+    likelihood — weights fitted on the other speakers, scored on the one left out — and equal weights
+    are kept unless fitted ones score better there. Otherwise (one or two speakers) fitted weights.
+    """
+    fitted = fit_weights(member_probs, y)
+    k = len(member_probs)
+    if k == 1 or groups is None:
+        return fitted, "fitted"
+    groups = np.asarray(groups)
+    speakers = np.unique(groups)
+    if len(speakers) < 3:
+        return fitted, "fitted"
+    stack = np.stack([np.asarray(p, dtype=np.float64) for p in member_probs])  # [K, N, L]
+    loss_fitted = loss_equal = 0.0
+    for speaker in speakers:
+        held = groups == speaker
+        w = fit_weights(list(stack[:, ~held]), y[~held])
+        loss_fitted += nll(np.tensordot(w, stack[:, held], axes=1), y[held]) * held.sum()
+        loss_equal += nll(stack[:, held].mean(axis=0), y[held]) * held.sum()
+    return (fitted, "fitted") if loss_fitted < loss_equal else (np.full(k, 1.0 / k), "equal")

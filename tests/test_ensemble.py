@@ -117,6 +117,29 @@ def test_temperature_reduces_nll_and_weights_favour_better_member():
     assert w.shape == (2,) and abs(w.sum() - 1) < 1e-9 and w[0] > 0.7
 
 
+def test_weights_are_fitted_only_where_they_predict_left_out_speakers_better():
+    from ser_ray.calibration import choose_weights
+
+    good, poor, y = toy_problem()
+    probs = [softmax(good / fit_temperature(good, y), axis=1), softmax(poor / fit_temperature(poor, y), axis=1)]
+    speakers = np.arange(len(y)) % 5
+    w, how = choose_weights(probs, y, speakers)  # one member is far better everywhere: fitting pays
+    assert how == "fitted" and w[0] > 0.7
+    assert choose_weights(probs, y)[1] == "fitted"  # without speakers nothing to compare on
+    # two equally good members whose strengths flip from speaker to speaker: weights fitted on the
+    # pooled rows follow whichever speakers dominate them and lose on the speaker left out
+    rng = np.random.default_rng(1)
+    n, classes = 400, 4
+    y2 = rng.integers(0, classes, n)
+    speakers2 = np.repeat(np.arange(8), n // 8)
+    onehot = np.eye(classes)[y2]
+    strong = np.isin(speakers2, [0, 1, 2, 3, 4])  # member a is sharp on 5 speakers, b on the other 3
+    a = softmax(np.where(strong[:, None], 3.0, 0.3) * onehot + rng.standard_normal((n, classes)), axis=1)
+    b = softmax(np.where(strong[:, None], 0.3, 3.0) * onehot + rng.standard_normal((n, classes)), axis=1)
+    w2, how2 = choose_weights([a, b], y2, speakers2)
+    assert how2 == "equal" and np.allclose(w2, 0.5)
+
+
 def test_ensemble_command_from_model_dirs(tmp_path):
     from ser_ray.cli import main
     from ser_ray.corpora.manifest import write_manifest

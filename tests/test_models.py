@@ -225,3 +225,30 @@ def test_wav2vec2_freezing_and_layerwise_lr(tiny_pretrained):
     assert lr_of[id(named["wav2vec2.encoder.layers.1.attention.q_proj.weight"])] == 1e-3 * 0.5
     assert lr_of[id(named["wav2vec2.encoder.layers.0.attention.q_proj.weight"])] == 1e-3 * 0.25
     assert lr_of[id(named["wav2vec2.feature_projection.projection.weight"])] == 1e-3 * 0.125
+
+
+def test_two_workers_honour_the_family_hooks(ray_session, tiny_pretrained, tmp_path):
+    """wav2vec2 with layerdrop (whole layers skipped each step: DDP needs find_unused_parameters) and a
+    scheduled unfreeze at epoch 1 (a DDP wrapper syncs only what was trainable when it was built, so the
+    loop wraps again) trains on two Ray Train workers, and the workers' weights stay identical."""
+    import numpy as np
+    import pandas as pd
+
+    from ser_ray.train.config import TrainConfig
+    from ser_ray.train.loop import fit
+
+    rng = np.random.default_rng(0)
+
+    def rows(speakers):
+        return pd.DataFrame([
+            {"path": f"/w/{s}_{label}_{i}.wav", "speaker": f"w:{s}", "emotion": label, "intensity": "XX",
+             "features": (0.1 * (c + 1) * rng.standard_normal((1, WAVE.num_samples))).astype(np.float32),
+             "error": None}
+            for s in speakers for c, label in enumerate(LABELS[:2]) for i in range(4)])
+
+    cfg = TrainConfig(family="wav2vec2", epochs=2, batch_size=4, lr=1e-3, num_workers=2, cpus_per_worker=0.5,
+                      patience=0, hparams={"pretrained": str(tiny_pretrained), "layerdrop": 0.5, "freeze": "encoder",
+                                           "unfreeze_after_epochs": 1})
+    result = fit(rows([1, 2]), rows([3]), LABELS[:2], WAVE, cfg, name="hooks", storage_path=str(tmp_path / "ray"))
+    assert [h["epoch"] for h in result.history] == [0, 1]
+    assert all(h["replicas_in_sync"] for h in result.history), [h["replicas_in_sync"] for h in result.history]

@@ -18,7 +18,7 @@ from scipy.special import softmax
 from ser_ray import storage
 from ser_ray.audio.decode import fix_length, load_clip, resample, to_mono
 # ensemble callers import these from here too
-from ser_ray.calibration import fit_temperature, fit_weights, label_ids, nll  # noqa: F401
+from ser_ray.calibration import choose_weights, fit_temperature, fit_weights, label_ids, nll  # noqa: F401
 from ser_ray.ensemble.bundle import Bundle, Member
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,9 @@ def fit_ensemble(bundle: Bundle, val_waves: np.ndarray, val_y: np.ndarray, group
         cal = scores(softmax(lg / m.temperature, axis=1), val_y, bundle.labels)
         report["members"][m.name] = {"uncalibrated": raw, "calibrated": cal, "temperature": m.temperature}
         m.metrics = {"validation": cal, "temperature": m.temperature}
-    weights = fit_weights([softmax(lg / m.temperature, axis=1) for m, lg in zip(bundle.members, logits)], val_y)
+    # fitted or equal weights, whichever predicts left-out validation speakers better (calibration.py)
+    weights, report["weighting"] = choose_weights(
+        [softmax(lg / m.temperature, axis=1) for m, lg in zip(bundle.members, logits)], val_y, groups)
     for m, w in zip(bundle.members, weights):
         m.weight = float(w)
     report["weights"] = {m.name: m.weight for m in bundle.members}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -215,13 +215,35 @@ def load_model(directory: str, map_location: str | torch.device = "cpu") -> tupl
     return model.to(map_location).eval(), meta
 
 
+class TrainingHooks(Protocol):
+    """What a family's model may define for the training loop; each hook is optional, and the loop
+    (``train/loop.py``) honours every one a model has. Families without them train all parameters
+    at one learning rate under a plain DistributedDataParallel wrapper.
+    """
+
+    #: DDP must look for parameters a step did not use (wav2vec2's layerdrop skips whole layers).
+    find_unused_parameters: bool
+
+    def param_groups(self, base_lr: float) -> list[dict]:
+        """Optimizer parameter groups (wav2vec2: layer-wise learning-rate decay), frozen ones included."""
+
+    def on_epoch_start(self, epoch: int) -> bool:
+        """Called before each epoch (0-based); True when the set of trainable parameters changed, after
+        which the loop wraps the model in DistributedDataParallel again (a wrapper only syncs the
+        parameters that were trainable when it was built)."""
+
+
+def _core(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # under a DDP wrapper
+
+
 def param_groups(model: nn.Module, base_lr: float) -> list[dict]:
-    """Optimizer parameter groups: the family's own (wav2vec2: layer-wise lr decay) or one group.
+    """Optimizer parameter groups: the family's own (:class:`TrainingHooks`) or one group.
 
     Frozen parameters are included, so a family that unfreezes later (``on_epoch_start``) trains them
     without rebuilding the optimizer (optimizers skip parameters whose grad is None).
     """
-    model = getattr(model, "module", model)
+    model = _core(model)
     if hasattr(model, "param_groups"):
         return model.param_groups(base_lr)
     return [{"params": list(model.parameters()), "lr": base_lr}]
@@ -229,8 +251,13 @@ def param_groups(model: nn.Module, base_lr: float) -> list[dict]:
 
 def on_epoch_start(model: nn.Module, epoch: int) -> bool:
     """Let the family react to a new epoch (wav2vec2: scheduled unfreezing); True if it changed."""
-    model = getattr(model, "module", model)
+    model = _core(model)
     return bool(model.on_epoch_start(epoch)) if hasattr(model, "on_epoch_start") else False
+
+
+def ddp_options(model: nn.Module) -> dict:
+    """Keyword arguments for the family's DistributedDataParallel wrapper."""
+    return {"find_unused_parameters": bool(getattr(_core(model), "find_unused_parameters", False))}
 
 
 # Importing the family modules registers them (wav2vec2 imports transformers only when built).
@@ -252,6 +279,8 @@ __all__ = [
     "load_model",
     "on_epoch_start",
     "param_groups",
+    "ddp_options",
+    "TrainingHooks",
     "read_model_meta",
     "register",
     "resolve_hparams",

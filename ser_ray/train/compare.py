@@ -158,7 +158,8 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
     """Per fold, an ensemble of the members ``out/<name>/fold_<i>``; written to ``out/ensemble/``.
 
     On held-out predictions of each fold's non-test speakers one temperature per member, then simplex
-    weights, are fitted by likelihood, exactly as ``ser-ray ensemble`` fits a bundle; the weighted
+    weights, are fitted by likelihood (or equal weights chosen, see ``calibration.choose_weights``),
+    exactly as ``ser-ray ensemble`` fits a bundle; the weighted
     mixture is then scored on the fold's test speakers. Held out means predicted by a model that did
     not train on the clip: the validation speakers (``val_predictions.parquet``) when any member is a
     deep family, every training speaker when all members are classical (their inner cross-validation's
@@ -167,7 +168,7 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
     """
     from scipy.special import softmax
 
-    from ser_ray.calibration import fit_temperature, fit_weights, label_ids
+    from ser_ray.calibration import choose_weights, fit_temperature, label_ids
     from ser_ray.train.metrics import classification_metrics, summarize_folds
 
     ens_dir = out / "ensemble"
@@ -200,11 +201,13 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
             temps.append(temp)
             val_probs.append(softmax(logv / temp, axis=1))
             test_probs.append(softmax(logt / temp, axis=1))
-        weights = fit_weights(val_probs, y_val)
+        speakers = val[0].loc[val_paths, "speaker"].astype(str).to_numpy() if "speaker" in val[0] else None
+        weights, weighting = choose_weights(val_probs, y_val, speakers)
         mix = np.tensordot(weights, np.stack(test_probs), axes=1)
         metrics = classification_metrics(y_test, mix.argmax(1), labels)
         uniform = classification_metrics(y_test, np.mean(test_probs, axis=0).argmax(1), labels)
-        metrics.update(fold=fold, weights=dict(zip(names, map(float, weights))), temperatures=dict(zip(names, temps)),
+        metrics.update(fold=fold, weights=dict(zip(names, map(float, weights))), weighting=weighting,
+                       temperatures=dict(zip(names, temps)),
                        uniform_ua=uniform["ua"], uniform_wa=uniform["wa"], uniform_macro_f1=uniform["macro_f1"],
                        members={n: classification_metrics(y_test, p.argmax(1), labels)["ua"]
                                 for n, p in zip(names, test_probs)},
@@ -222,7 +225,7 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
                "uniform": {key: summarize_folds(per_fold, keys=(f"uniform_{key}",))[f"uniform_{key}"]
                            for key in ("ua", "wa", "macro_f1")},
                "per_fold": [{k: m[k] for k in ("fold", "ua", "wa", "macro_f1", "uniform_ua", "members", "weights",
-                                               "temperatures", "n_val", "n_test", "test_speakers")} for m in per_fold]}
+                                               "weighting", "temperatures", "n_val", "n_test", "test_speakers")} for m in per_fold]}
     (ens_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     log.info("per-fold ensemble of %s over %d fold(s): UA %.3f ± %.3f", ", ".join(names), len(folds),
              summary["ua"]["mean"], summary["ua"]["std"])
@@ -249,7 +252,8 @@ def comparison_markdown(table: pd.DataFrame, config: TrainConfig) -> str:
     lines += ["", "Mean ± population std over folds; inference timed on CPU over each fold's test clips."
               + (" The ensemble row: per fold, the members' temperatures and weights fitted on held-out "
                  "predictions of that fold's non-test speakers (all training speakers out of fold when every "
-                 "member is classical, else the validation speakers; out/ensemble/summary.json); its "
+                 "member is classical, else the validation speakers; out/ensemble/summary.json), or equal "
+                 "weights where those predict left-out speakers better (`weighting` per fold); its "
                  "inference time is the members' sum. The uniform row: the same calibrated members, "
                  "equal weights."
                  if "ensemble" in set(table["family"]) else ""), ""]

@@ -48,7 +48,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from safetensors.torch import load_file
 
-    from ser_ray.models import MODEL_WEIGHTS, build_model
+    from ser_ray.models import MODEL_WEIGHTS, build_model, ddp_options, on_epoch_start, param_groups
 
     cfg = TrainConfig.from_dict(config["train"])
     labels = list(config["labels"])
@@ -71,10 +71,11 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as d:
             model.load_state_dict(load_file(os.path.join(d, MODEL_WEIGHTS)))
             resumed = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=False)
-    model = ray.train.torch.prepare_model(model)  # to device; DistributedDataParallel when world > 1
+    # to device; DistributedDataParallel when world > 1, built as the family asks (TrainingHooks)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_options(model))
     core = getattr(model, "module", model)
 
-    optimizer = torch.optim.AdamW(_param_groups(core, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(core, cfg.lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = _scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     weight = _class_weights(config.get("class_counts"), labels) if cfg.class_weighted else None
@@ -100,8 +101,9 @@ def train_loop_per_worker(config: dict) -> None:
         if state["stopped"]:
             break
         _maybe_fail(config, epoch, rank)
-        if hasattr(core, "on_epoch_start"):
-            core.on_epoch_start(epoch)  # e.g. wav2vec2 unfreezing its transformer
+        if on_epoch_start(core, epoch) and world > 1:  # e.g. wav2vec2 unfroze its transformer
+            # a DDP wrapper syncs only what was trainable when built: wrap the same module again
+            model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs=ddp_options(core))
         start = time.perf_counter()
 
         # train
@@ -166,6 +168,7 @@ def train_loop_per_worker(config: dict) -> None:
             "best_epoch": state["best_epoch"],
             "early_stop": state["stopped"],
             "restarts": state["restarts"],  # worker-group restarts so far (resumed from checkpoints)
+            "replicas_in_sync": _replicas_in_sync(core),
             "epoch_s": time.perf_counter() - start,
         }
         state["history"].append(metrics)
@@ -234,13 +237,6 @@ def _report(metrics, rank, core, cfg, labels, feature_config, optimizer, schedul
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def _param_groups(model: nn.Module, cfg: TrainConfig):
-    # wav2vec2 offers layer-wise learning rates; other families train all parameters at cfg.lr
-    if hasattr(model, "param_groups"):
-        return model.param_groups(cfg.lr)
-    return [p for p in model.parameters()]
-
-
 def _scheduler(optimizer, cfg: TrainConfig):
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.lr * 0.01)
@@ -267,6 +263,22 @@ def _augmenter(settings: dict, feature_config: FeatureConfig, seed: int):
     augmenter = Augmenter(**{**settings, "seed": seed})
     kind = "waveform" if feature_config.kind == "waveform" else "features"
     return lambda x: augmenter(x, kind=kind)
+
+
+def _replicas_in_sync(model: nn.Module) -> bool:
+    """True when every worker holds the same weights (always with one worker). A parameter DDP does
+    not sync (e.g. one unfrozen after the wrapper was built) drifts apart between workers; one scalar
+    checksum per worker per epoch catches it."""
+    if not _distributed():
+        return True
+    with torch.no_grad():
+        checksum = sum(p.detach().double().sum() for p in model.parameters())
+        both = torch.stack([checksum, -checksum]).to(next(model.parameters()).device)
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)  # (max, -min) over workers
+    in_sync = bool(abs(float(both[0] + both[1])) <= 1e-6 * max(1.0, abs(float(both[0]))))
+    if not in_sync:
+        log.warning("workers' weights differ: a parameter is trained without being synchronised")
+    return in_sync
 
 
 def _distributed() -> bool:
