@@ -180,7 +180,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def _search(cfg: DemoConfig, out: Path, corpus: Path, stages: Stages, throughput: dict):
     from ser_ray.corpora.labels import SIX_CLASS
-    from ser_ray.tune.search import SearchConfig, run_search
+    from ser_ray.tune.config import SearchConfig
+    from ser_ray.tune.search import run_search
 
     plan = cfg.plan
     # logreg: a classical member on utterance functionals, fitted in seconds inside its trial

@@ -45,7 +45,7 @@ class PipelineConfig:
 
 def load_pipeline_config(path: str, **overrides) -> PipelineConfig:
     """A tune config plus an optional ``annotate`` section; ``overrides`` as for ``load_search_config``."""
-    from ser_ray.tune.search import search_config_from_mapping
+    from ser_ray.tune.config import search_config_from_mapping
 
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):

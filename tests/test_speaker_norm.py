@@ -9,7 +9,7 @@ import torch
 
 from ser_ray.features.speaker_norm import speaker_normalise
 from ser_ray.models.norm import utterance_cmvn
-from ser_ray.tune.search import SearchConfig
+from ser_ray.tune.config import SearchConfig
 
 
 def _rows(rng: np.random.Generator) -> pd.DataFrame:

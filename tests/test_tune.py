@@ -19,14 +19,9 @@ import yaml
 from ray import tune
 
 from ser_ray.tune import space as spaces
-from ser_ray.tune.search import (
-    SearchConfig,
-    build_tuner,
-    default_points,
-    mark_default_trials,
-    restore_tuner,
-    results_table,
-)
+from ser_ray.tune.config import SearchConfig
+from ser_ray.tune.results import mark_default_trials, results_table
+from ser_ray.tune.search import build_tuner, default_points, restore_tuner
 
 REPO = Path(__file__).resolve().parents[1]
 # Ray workers cannot import this test module: ship its toy trainables by value.
@@ -131,7 +126,8 @@ RESUME_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from ray import tune
     from ser_ray.tune import space as spaces
-    from ser_ray.tune.search import SearchConfig, build_tuner
+    from ser_ray.tune.config import SearchConfig
+    from ser_ray.tune.search import build_tuner
 
     def slow(config):
         marker = Path(config["toy"]["marker"])

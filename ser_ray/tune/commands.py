@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "tune") -> Non
 
 
 def config_from_args(args):
-    from ser_ray.tune.search import load_search_config
+    from ser_ray.tune.config import load_search_config
 
     return load_search_config(
         args.config, families=args.families, num_samples=args.num_samples, max_epochs=args.max_epochs,
