@@ -20,9 +20,6 @@ import argparse
 import dataclasses
 import logging
 import time
-from pathlib import Path
-
-import yaml
 
 from ser_ray import storage
 
@@ -43,13 +40,13 @@ class PipelineConfig:
         return Experiment(self.search.experiment_path)
 
 
-def load_pipeline_config(path: str, **overrides) -> PipelineConfig:
-    """A tune config plus an optional ``annotate`` section; ``overrides`` as for ``load_search_config``."""
+def load_pipeline_config(path: str, overrides: list[str] | None = None, **options) -> PipelineConfig:
+    """A tune config plus an optional ``annotate`` section; ``overrides`` (``--set``) and ``options`` as
+    for ``load_search_config``."""
+    from ser_ray.config import apply_overrides, read_yaml_mapping
     from ser_ray.tune.config import search_config_from_mapping
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a pipeline config is a YAML mapping (a tune config + `annotate:`)")
+    data = apply_overrides(read_yaml_mapping(path, "pipeline config (a tune config + `annotate:`)"), overrides)
     annotate = data.pop("annotate", None)
     if annotate is not None:
         if not isinstance(annotate, dict) or not annotate.get("input"):
@@ -57,7 +54,7 @@ def load_pipeline_config(path: str, **overrides) -> PipelineConfig:
         unknown = sorted(set(annotate) - set(ANNOTATE_KEYS))
         if unknown:
             raise ValueError(f"{path}: annotate: unknown key(s) {unknown}; valid: {list(ANNOTATE_KEYS)}")
-    return PipelineConfig(search=search_config_from_mapping(data, str(path), **overrides), annotate=annotate)
+    return PipelineConfig(search=search_config_from_mapping(data, str(path), **options), annotate=annotate)
 
 
 class _Stage:
@@ -141,12 +138,14 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "run") ->
                                                         "an `annotate: {input: DIR}` section")
     parser.add_argument("--root", help="corpus directory or s3:// prefix (overrides data.root)")
     parser.add_argument("--out", help="storage path for the experiment (overrides storage_path)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set num_samples=4 --set train.batch_size=16")
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: RAY_ADDRESS, the job's cluster, else a local Ray)")
 
 
 def config_from_args(args) -> PipelineConfig:
-    return load_pipeline_config(args.config, storage_path=args.out, **{"data.root": args.root})
+    return load_pipeline_config(args.config, args.overrides, storage_path=args.out, **{"data.root": args.root})
 
 
 def run(args) -> int:

@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # lowest first; a package may import its own layer and any layer below it (docs/architecture.md)
 LAYERS = [
-    {"__init__", "storage", "errors", "auth", "session", "splits", "calibration", "artefacts"},
+    {"__init__", "storage", "errors", "auth", "session", "splits", "calibration", "artefacts", "config"},
     {"audio"},
     {"report"},  # plots and HTML from artefacts: imports no other ser-ray package
     {"corpora"},

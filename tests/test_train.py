@@ -79,6 +79,34 @@ def test_config_loads_yaml_with_overrides(tmp_path):
         load_config(path, ["data.protocol=random"])
 
 
+def test_every_command_reads_config_the_same_way(tmp_path):
+    """train, tune and run: one YAML reader, the same --set overrides, unknown keys refused by name."""
+    from ser_ray.pipeline import load_pipeline_config
+    from ser_ray.tune.config import load_search_config
+
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\nfamilies: [logreg]\ndata: {corpus: synthetic, features: {n_mels: 32}}\n"
+                    "annotate: {input: /archive}\n")
+    tune = load_search_config(_without_annotate(path, tmp_path),
+                              ["max_epochs=4", "data.features.window_s=1.5"], **{"data.root": "/corpus"})
+    assert (tune.max_epochs, tune.data.features, tune.data.root) == (4, {"n_mels": 32, "window_s": 1.5}, "/corpus")
+    run = load_pipeline_config(str(path), ["num_samples=3"])
+    assert run.search.num_samples == 3 and run.annotate == {"input": "/archive"}
+    for load in (lambda o: load_search_config(_without_annotate(path, tmp_path), o),
+                 lambda o: load_pipeline_config(str(path), o)):
+        with pytest.raises(ValueError, match=r"unknown key\(s\) \['max_epoch'\]; valid keys: .*max_epochs"):
+            load(["max_epoch=4"])
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="YAML mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def _without_annotate(path, tmp_path):
+    out = tmp_path / "tune.yaml"
+    out.write_text("".join(line for line in path.read_text().splitlines(True) if not line.startswith("annotate")))
+    return out
+
+
 # -- a real Ray Train run --------------------------------------------------------------------------
 
 

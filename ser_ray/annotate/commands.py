@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from ser_ray.annotate.core import AnnotateConfig
+from ser_ray.annotate.core import NORMALISE_BY, AnnotateConfig
+from ser_ray.annotate.vad import METHODS as VAD_METHODS
+from ser_ray.annotate.writer import FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -17,9 +19,9 @@ def add_arguments(parser, command_name: str = "annotate") -> None:
     source.add_argument("--endpoint", help="URL of a running `ser-ray serve` app")
     parser.add_argument("--window-s", type=float, default=AnnotateConfig.window_s)
     parser.add_argument("--hop-s", type=float, default=AnnotateConfig.hop_s)
-    parser.add_argument("--vad", choices=["energy", "silero", "none"], default=AnnotateConfig.vad)
+    parser.add_argument("--vad", choices=VAD_METHODS, default=AnnotateConfig.vad)
     parser.add_argument("--vad-threshold-db", type=float, default=AnnotateConfig.vad_threshold_db)
-    parser.add_argument("--normalise-by", choices=["auto", "none", "file"], default=AnnotateConfig.normalise_by,
+    parser.add_argument("--normalise-by", choices=NORMALISE_BY, default=AnnotateConfig.normalise_by,
                         help="file: standardise features over each recording's own speech windows, for bundles "
                              "trained with normalise_by: speaker (offline only); auto: what the bundle was trained with")
     parser.add_argument("--max-duration-s", type=float, default=None,
@@ -27,7 +29,7 @@ def add_arguments(parser, command_name: str = "annotate") -> None:
     parser.add_argument("--batch-files", type=int, default=16, help="files per committed output part")
     parser.add_argument("--num-actors", type=int, default=None, help="annotation actors (default: one per CPU)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    parser.add_argument("--format", choices=FORMATS, default=FORMATS[0])
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--max-attempts", type=int, default=2,
                         help="offline: a file whose worker dies this many times (crash, out of memory) gets an error row")

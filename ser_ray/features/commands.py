@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ser_ray.features.config import FEATURE_KINDS
+from ser_ray.features.config import FEATURE_KINDS, LEVEL_NORMALISATIONS
 
 log = logging.getLogger(__name__)
 
@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "prepare") -> 
     parser.add_argument("--manifest", required=True, help="manifest file (.parquet or .csv, local or s3://)")
     parser.add_argument("--out", required=True, help="cache root (local dir or s3://); the cache goes in OUT/<key>/")
     parser.add_argument("--features", default="logmel", choices=list(FEATURE_KINDS))
-    parser.add_argument("--normalize", default="none", choices=["none", "peak", "rms"],
+    parser.add_argument("--normalize", default="none", choices=LEVEL_NORMALISATIONS,
                         help="waveform level normalisation before features")
     parser.add_argument("--batch-size", type=int, default=64, help="clips per feature batch")
     parser.add_argument("--strategy", default="tasks", choices=["tasks", "actors"],

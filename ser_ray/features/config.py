@@ -9,6 +9,7 @@ from typing import Literal
 
 FeatureKind = Literal["logmel", "mfcc", "zcr_energy", "waveform", "functionals"]
 FEATURE_KINDS = ("logmel", "mfcc", "zcr_energy", "waveform", "functionals")
+LEVEL_NORMALISATIONS = ("none", "peak", "rms")  # waveform level before features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +36,8 @@ class FeatureConfig:
     def __post_init__(self):
         if self.kind not in FEATURE_KINDS:
             raise ValueError(f"unknown feature kind {self.kind!r}; choose one of {list(FEATURE_KINDS)}")
-        if self.normalize not in ("none", "peak", "rms"):
-            raise ValueError(f"unknown normalisation {self.normalize!r}; choose none, peak or rms")
+        if self.normalize not in LEVEL_NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {self.normalize!r}; choose one of {list(LEVEL_NORMALISATIONS)}")
 
     @property
     def num_samples(self) -> int:

@@ -12,10 +12,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ser_ray.config import apply_overrides, check_keys, read_yaml_mapping
+from ser_ray.splits import PROTOCOLS as SPLIT_PROTOCOLS
 
 SCHEDULERS = ("plateau", "cosine")
-PROTOCOLS = ("loso", "kfold", "cremad-fixed", "fixed")  # see ser_ray.splits
+# speaker-disjoint protocols of ser_ray.splits; the leaky "random" split only through `ser-ray splits`
+PROTOCOLS = tuple(p for p in SPLIT_PROTOCOLS if p != "random")
 NORMALISE_BY = ("none", "speaker")  # feature normalisation of a training/evaluation run
 
 
@@ -115,36 +117,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         data = dict(data)
-        _check_keys(cls, data, "train config")
+        check_keys(cls, data, "train config")
         if isinstance(data.get("data"), dict):
-            _check_keys(DataSpec, data["data"], "train config 'data' section")
+            check_keys(DataSpec, data["data"], "train config 'data' section")
         return cls(**data)
-
-
-def _check_keys(cls, data: dict, where: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
-
-
-def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
-    """``data`` with each ``dotted.key=value`` applied; values are parsed as YAML (``5``, ``0.3``, ``null``)."""
-    data = dict(data)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r}: expected key=value, e.g. epochs=5 or hparams.dropout=0.3")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
-        parts = key.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            # copy nested dicts so the caller's dict is never modified
-            node[part] = dict(child) if isinstance(child, dict) else {}
-            node = node[part]
-        node[parts[-1]] = value
-    return data
 
 
 def config_to_plain(config: TrainConfig | dict) -> dict:
@@ -155,11 +131,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """A ``TrainConfig`` from a YAML file (or just ``defaults``) with ``overrides`` applied last."""
     data: dict = dict(defaults)
     if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a train config is a YAML mapping of keys to values")
-        data.update(loaded)
+        data.update(read_yaml_mapping(path, "train config"))
     data = apply_overrides(data, overrides)
     try:
         return TrainConfig.from_dict(data)

@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "tune") -> Non
                                         "picks the held-out one")
     parser.add_argument("--name", help="experiment name (a directory under --out)")
     parser.add_argument("--out", help="storage path for the experiment: a local directory or s3:// prefix")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set grace_period=1 --set data.features.n_mels=64")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted experiment <out>/<name> (finished trials are kept)")
     parser.add_argument("--address", default=None,
@@ -28,7 +30,7 @@ def config_from_args(args):
     from ser_ray.tune.config import load_search_config
 
     return load_search_config(
-        args.config, families=args.families, num_samples=args.num_samples, max_epochs=args.max_epochs,
+        args.config, args.overrides, families=args.families, num_samples=args.num_samples, max_epochs=args.max_epochs,
         name=args.name, storage_path=args.out, **{"data.root": args.root, "data.folds": getattr(args, "folds", None)},
     )
 

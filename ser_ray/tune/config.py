@@ -6,9 +6,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ser_ray import storage
+from ser_ray.config import apply_overrides, check_keys, read_yaml_mapping
 from ser_ray.train.config import DataSpec
 from ser_ray.tune import space as spaces
 
@@ -77,31 +76,26 @@ class SearchConfig:
         return dataclasses.asdict(self)
 
 
-def load_search_config(path: str | Path | None = None, **overrides: Any) -> SearchConfig:
-    """A ``SearchConfig`` from YAML, with keyword overrides (``None`` values are ignored)."""
-    data: dict = {}
-    if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a tune config is a YAML mapping (see configs/tune-synthetic.yaml)")
-    return search_config_from_mapping(data, str(path or "tune config"), **overrides)
+def load_search_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                       **options: Any) -> SearchConfig:
+    """A ``SearchConfig`` from YAML, then ``--set`` style ``overrides`` (``max_epochs=4``,
+    ``data.features.n_mels=64``), then keyword ``options`` from command flags (``None`` values ignored)."""
+    data = read_yaml_mapping(path, "tune config") if path is not None else {}
+    return search_config_from_mapping(apply_overrides(data, overrides), str(path or "tune config"), **options)
 
 
-def search_config_from_mapping(data: dict, where: str = "tune config", **overrides: Any) -> SearchConfig:
-    """A ``SearchConfig`` from a mapping and keyword overrides (``data.root=...``; ``None`` values are
+def search_config_from_mapping(data: dict, where: str = "tune config", **options: Any) -> SearchConfig:
+    """A ``SearchConfig`` from a mapping and keyword options (``data.root=...``; ``None`` values are
     ignored); unknown keys are refused, naming the valid ones."""
     data = dict(data)
-    for key, value in overrides.items():
+    for key, value in options.items():
         if value is None:
             continue
         if key.startswith("data."):
             data["data"] = {**(data.get("data") or {}), key[5:]: value}
         else:
             data[key] = value
-    known = {f.name for f in dataclasses.fields(SearchConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+    check_keys(SearchConfig, data, where)
     try:
         return SearchConfig(**data)
     except (TypeError, ValueError) as exc:
