@@ -41,7 +41,8 @@ def main() -> None:
     from ser_ray.ensemble.bundle import load_bundle, save_bundle
     from ser_ray.ensemble.fit import fit_bundle_from_dirs
     from ser_ray.train.config import TrainConfig
-    from ser_ray.train.cv import assign_folds, fold_frames, load_manifest, run_cv
+    from ser_ray.train.cv import run_cv
+    from ser_ray.train.data import assign_folds, fold_frames, load_manifest
 
     out = Path(args.out or tempfile.mkdtemp(prefix="ser-ray-normalise-"))
     corpus, archive = out / "corpus", out / "archive"

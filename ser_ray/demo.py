@@ -226,13 +226,14 @@ def _split_lists(experiment: str) -> dict:
     """The speakers and clips of each side of the search's split, from the split.parquet it wrote."""
     import pandas as pd
 
-    split = pd.read_parquet(str(Path(experiment) / "split.parquet"))
-    parts = {name: split[split["split"] == name] for name in ("train", "val", "test")}
+    from ser_ray.train.data import Split
+
+    sides = Split.from_manifest(pd.read_parquet(str(Path(experiment) / "split.parquet"))).speakers()
     return {
         "protocol": "fixed (speaker-disjoint 70/10/20 of actors; validation inside training speakers)",
-        "leaky": False,
-        "speakers": {name: sorted(p["speaker"].unique().tolist()) for name, p in parts.items()},
-        "clips": {name: int(len(p)) for name, p in parts.items()},
+        "leaky": bool(sides["overlap"]),
+        "speakers": {name: sides[f"{name}_speakers"] for name in ("train", "val", "test")},
+        "clips": {name: sides[f"n_{name}"] for name in ("train", "val", "test")},
     }
 
 

@@ -36,7 +36,7 @@ def corpora(tmp_path_factory):
 
 def test_combined_corpora_keep_speakers_disjoint(corpora):
     from ser_ray import splits
-    from ser_ray.train.cv import assign_folds, fold_frames, label_mapped, load_manifest
+    from ser_ray.train.data import assign_folds, fold_frames, label_mapped, load_manifest
 
     a, b = corpora
     spec = DataSpec(corpora=[{"corpus": "synthetic", "root": str(a)}, {"corpus": "cremad", "root": str(b)}])

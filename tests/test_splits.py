@@ -125,7 +125,7 @@ def test_published_folds_are_used_as_given(tmp_path):
     import json
 
     from ser_ray.splits import SpeakerLeakError, given_folds, read_folds
-    from ser_ray.train.cv import assign_folds, fold_frames
+    from ser_ray.train.data import assign_folds, fold_frames
 
     df = pd.DataFrame({"speaker": [f"emodb:{s}" for s in ["03", "03", "08", "09", "10", "11"]], "gender": "m",
                        "emotion": ["anger", "sadness", "anger", "sadness", "anger", "sadness"],

@@ -42,6 +42,7 @@ def build_bundle(sources: list[str], out: str, manifest_path: str | None = None,
     from ser_ray.corpora.manifest import read_manifest
     from ser_ray.ensemble.bundle import save_bundle
     from ser_ray.ensemble.fit import fit_bundle_from_dirs
+    from ser_ray.train.data import Split
 
     dirs, best = model_dirs_from(sources)
     manifest_path = manifest_path or next((e.get("manifest") for e in best.values() if isinstance(e, dict) and e.get("manifest")), None)
@@ -53,9 +54,9 @@ def build_bundle(sources: list[str], out: str, manifest_path: str | None = None,
     manifest = read_manifest(manifest_path)
     if "split" not in manifest:
         raise SystemExit(f"{manifest_path}: no `split` column; run `ser-ray splits` first")
-    val, test = manifest[manifest["split"] == "val"], manifest[manifest["split"] == "test"]
-    sides = {name: set(manifest.loc[manifest["split"] == name, "speaker"]) for name in ("train", "val", "test")}
-    shared = (sides["train"] & sides["val"]) | (sides["train"] & sides["test"]) | (sides["val"] & sides["test"])
+    split = Split.from_manifest(manifest)
+    _, val, test = split
+    shared = split.speakers()["overlap"]
     if shared:  # weights fitted or scores measured on speakers the models (or weights) saw
         raise ValueError(f"{manifest_path}: speakers {sorted(shared)[:5]} are on two sides of the split; the ensemble "
                          "needs speaker-disjoint train/val/test (ser-ray splits writes such a column)")

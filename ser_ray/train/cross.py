@@ -27,13 +27,8 @@ import numpy as np
 
 from ser_ray.features.config import FeatureConfig
 from ser_ray.train.config import DataSpec, TrainConfig
-from ser_ray.train.cv import (
-    feature_rows,
-    label_mapped,
-    load_manifest,
-    run_fold,
-    speaker_list,
-)
+from ser_ray.train.cv import run_fold
+from ser_ray.train.data import feature_rows, label_mapped, load_manifest, speaker_list
 from ser_ray.train.metrics import summarize_folds
 
 log = logging.getLogger(__name__)

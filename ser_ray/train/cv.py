@@ -27,7 +27,8 @@ import numpy as np
 import pandas as pd
 
 from ser_ray.features.config import FeatureConfig
-from ser_ray.train.config import DataSpec, TrainConfig
+from ser_ray.train.config import TrainConfig
+from ser_ray.train.data import assign_folds, feature_rows, fold_frames, label_mapped, load_manifest, speaker_list
 from ser_ray.train.metrics import (
     classification_metrics,
     expected_calibration_error,
@@ -36,101 +37,6 @@ from ser_ray.train.metrics import (
 )
 
 log = logging.getLogger(__name__)
-
-
-# -- data ------------------------------------------------------------------------------------------
-
-
-def load_manifest(config: TrainConfig | DataSpec) -> pd.DataFrame:
-    """The run's manifest with canonical (not yet label-mapped) labels.
-
-    Built from ``data.corpus`` + ``data.root`` and/or ``data.corpora`` (several corpora combined;
-    speakers stay namespaced per corpus, e.g. ``emodb:03``), or read from ``data.manifest``.
-    """
-    data = config.data if isinstance(config, TrainConfig) else config
-    sources = data.sources()
-    if data.manifest:
-        from ser_ray.corpora.manifest import read_manifest
-
-        df = read_manifest(data.manifest)
-    elif len(sources) == 1:
-        from ser_ray.corpora import build_manifest
-
-        df, _ = build_manifest(*sources[0])
-    elif sources:
-        from ser_ray.corpora import build_combined
-
-        names = [corpus for corpus, _ in sources]
-        if len(set(names)) < len(names):
-            # speaker ids are namespaced by corpus name only: two roots of one corpus share speaker ids
-            log.warning("data.corpora names %s more than once; its speakers are treated as the same people", names)
-        # "all" keeps every canonical label; the run's label map is applied once, by label_mapped
-        df, _ = build_combined(sources, label_map="all")
-    else:
-        raise ValueError("no data: set data.corpus and data.root (e.g. --corpus emodb --root DIR), "
-                         "data.corpora or data.manifest")
-    if len(df) == 0:
-        raise ValueError(f"no clips found for {data.manifest or sources}")
-    return df
-
-
-def label_mapped(manifest: pd.DataFrame, label_map: str) -> tuple[pd.DataFrame, list[str]]:
-    """The manifest under ``label_map`` and its labels in canonical order."""
-    from ser_ray.corpora.labels import CANONICAL, apply_label_map
-
-    df = apply_label_map(manifest, label_map)
-    present = set(df["emotion"])
-    return df, [label for label in CANONICAL if label in present]
-
-
-def assign_folds(df: pd.DataFrame, protocol: str, k: int, seed: int, folds: str | None = None) -> tuple[pd.DataFrame, int]:
-    """``df`` with ``fold`` (loso/kfold, or published ``folds`` from a file, used as given) or ``split``
-    (cremad-fixed/fixed) and the number of test folds."""
-    from ser_ray import splits
-
-    if folds:
-        df = splits.given_folds(df, splits.read_folds(folds), where=folds)
-        return df, int(df["fold"].max()) + 1
-    df = splits.apply_protocol(df, protocol, k=k, seed=seed)
-    return df, (int(df["fold"].max()) + 1 if "fold" in df.columns else 1)
-
-
-def fold_frames(df: pd.DataFrame, protocol: str, fold: int, val_fraction: float, seed: int):
-    """(train, val, test) rows of one fold of ``assign_folds(df, protocol, ...)``.
-
-    Validation speakers are drawn from the training speakers (fixed splits bring their own).
-    """
-    from ser_ray import splits
-
-    if "split" in df.columns:  # a fixed split brings its own validation speakers
-        return df[df["split"] == "train"], df[df["split"] == "val"], df[df["split"] == "test"]
-    test = df[df["fold"] == fold]
-    train, val = splits.train_val_split(df[df["fold"] != fold], val_frac=val_fraction, seed=seed + fold)
-    return train, val, test
-
-
-def feature_rows(manifest: pd.DataFrame, feature_config: FeatureConfig, cache_root: str, *,
-                 speaker_norm: bool = False):
-    """``(manifest rows + features/error columns, CacheInfo)``: the feature cache of these clips, built if missing.
-
-    ``speaker_norm`` standardises the features of each speaker with its own statistics (see
-    ``ser_ray.features.speaker_norm``); the cache itself stays unnormalised.
-    """
-    from ser_ray.corpora.manifest import MANIFEST_COLUMNS
-    from ser_ray.features.pipeline import load_cache_pandas, prepare
-    from ser_ray.features.speaker_norm import speaker_normalise
-
-    # manifest columns only: the cache is shared by every protocol/fold assignment of these clips
-    cache = prepare(manifest[list(MANIFEST_COLUMNS)], cache_root, feature_config)
-    if cache.n_error:
-        log.warning("%d clip(s) failed feature extraction and are left out, e.g. %s", cache.n_error, cache.errors[:1])
-    features = load_cache_pandas(cache)[["path", "features", "error"]]
-    rows = manifest.merge(features, on="path", how="left", validate="one_to_one")
-    return (speaker_normalise(rows) if speaker_norm else rows), cache
-
-
-def speaker_list(df: pd.DataFrame) -> list[str]:
-    return sorted(df["speaker"].astype(str).unique())
 
 
 # -- one fold --------------------------------------------------------------------------------------
@@ -245,16 +151,9 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
         raise ValueError(f"fold(s) {bad} do not exist: protocol {data.protocol} has folds 0..{n_folds - 1}")
 
     # Speaker lists of every fold, written before any training so a reader can check the split.
-    fold_frames_ = {f: fold_frames(manifest, data.protocol, f, data.val_fraction, config.seed) for f in range(n_folds)}
-    fold_lists = []
-    leaky = False
-    for f, (tr, va, te) in fold_frames_.items():
-        s_tr, s_va, s_te = set(speaker_list(tr)), set(speaker_list(va)), set(speaker_list(te))
-        overlap = sorted((s_tr & s_va) | (s_tr & s_te) | (s_va & s_te))
-        leaky |= bool(overlap)
-        fold_lists.append({"fold": f, "test_speakers": sorted(s_te), "val_speakers": sorted(s_va),
-                           "train_speakers": sorted(s_tr), "n_train": len(tr), "n_val": len(va),
-                           "n_test": len(te), "overlap": overlap})
+    splits = {f: fold_frames(manifest, data.protocol, f, data.val_fraction, config.seed) for f in range(n_folds)}
+    fold_lists = [{"fold": f, **split.speakers()} for f, split in splits.items()]
+    leaky = any(entry["overlap"] for entry in fold_lists)
     (out / "folds.json").write_text(json.dumps({"protocol": data.protocol, "k": data.k, "seed": config.seed,
                                                 "folds_file": data.folds, "folds": fold_lists}, indent=1))
     if leaky:
@@ -276,7 +175,7 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
             log.info("fold %d: already done (%s), skipping", f, fold_dir / "metrics.json")
             all_metrics.append(json.loads((fold_dir / "metrics.json").read_text()))
             continue
-        tr, va, te = (rows[rows["path"].isin(part["path"])] for part in fold_frames_[f])
+        tr, va, te = splits[f].with_features(rows, keep_failed=True)
         log.info("fold %d/%d: train %d clips (%d speakers), val %d (%d), test %d (%s)", f + 1, n_folds,
                  len(tr), tr["speaker"].nunique(), len(va), va["speaker"].nunique(), len(te),
                  ", ".join(speaker_list(te)[:4]) + ("..." if te["speaker"].nunique() > 4 else ""))
