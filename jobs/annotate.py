@@ -14,4 +14,11 @@ from ser_ray.annotate.commands import add_arguments, run
 logging.basicConfig(level=logging.INFO)
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 add_arguments(parser)
-raise SystemExit(run(parser.parse_args()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,7 +14,14 @@ parser.add_argument("--out", default="demo-out")
 parser.add_argument("--budget", default="small", choices=sorted(BUDGETS))
 parser.add_argument("--address", default=None, help="Ray address to join; default: a local Ray")
 parser.add_argument("--port", type=int, default=8000)
-args = parser.parse_args()
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-run_demo(DemoConfig(out=args.out, budget=args.budget, address=args.address, port=args.port))
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    run_demo(DemoConfig(out=args.out, budget=args.budget, address=args.address, port=args.port))
+
+
+if __name__ == "__main__":
+    main()

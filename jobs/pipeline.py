@@ -16,13 +16,20 @@ from ser_ray.session import check_job_paths, connect
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 add_arguments(parser)
-args = parser.parse_args()
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-config = config_from_args(args)
-annotate = config.annotate or {}
-check_job_paths({"--root / data.root": config.search.data.root, "annotate.input": annotate.get("input")},
-                {"--out / storage_path": config.search.storage_path, "annotate.output": annotate.get("output")})
-connect(args.address)
-result = run_pipeline(config)
-print(f"bundle {result['bundle']} (serve it: ser-ray serve --bundle {result['bundle']})")
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    config = config_from_args(args)
+    annotate = config.annotate or {}
+    check_job_paths({"--root / data.root": config.search.data.root, "annotate.input": annotate.get("input")},
+                    {"--out / storage_path": config.search.storage_path, "annotate.output": annotate.get("output")})
+    connect(args.address)
+    result = run_pipeline(config)
+    print(f"bundle {result['bundle']} (serve it: ser-ray serve --bundle {result['bundle']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -21,15 +21,22 @@ parser.add_argument("--config", required=True)
 parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 parser.add_argument("--fold", type=int, default=None, help="test fold (default: data.test_fold)")
 parser.add_argument("--out", default="results/train")
-args = parser.parse_args()
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-config = load_config(args.config, args.overrides)
-check_job_paths({"data.root": config.data.root, "data.manifest": config.data.manifest}, {"--out": args.out})
-# Under `ray job submit` (or with RAY_ADDRESS set) join the cluster; otherwise start a local Ray.
-connect()
 
-fold = config.data.test_fold if args.fold is None else args.fold
-summary = run_cv(config, args.out, folds=[fold])
-print(f"{config.family} fold {fold}: test UA {summary['ua']['mean']:.3f}  WA {summary['wa']['mean']:.3f}  "
-      f"macro-F1 {summary['macro_f1']['mean']:.3f} -> {args.out}")
+def main(argv: list[str] | None = None) -> None:
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    config = load_config(args.config, args.overrides)
+    check_job_paths({"data.root": config.data.root, "data.manifest": config.data.manifest}, {"--out": args.out})
+    # Under `ray job submit` (or with RAY_ADDRESS set) join the cluster; otherwise start a local Ray.
+    connect()
+
+    fold = config.data.test_fold if args.fold is None else args.fold
+    summary = run_cv(config, args.out, folds=[fold])
+    print(f"{config.family} fold {fold}: test UA {summary['ua']['mean']:.3f}  WA {summary['wa']['mean']:.3f}  "
+          f"macro-F1 {summary['macro_f1']['mean']:.3f} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -20,16 +20,23 @@ from ser_ray.tune.search import run_search
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 add_arguments(parser)
-args = parser.parse_args()
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-config = config_from_args(args)
-# before Ray starts: a relative data or output path would go wrong inside the job's uploaded copy
-check_job_paths({"--root / data.root": config.data.root, "--folds": config.data.folds,
-                 "data.manifest": config.data.manifest},
-                {"--out / storage_path": config.storage_path})
-# Under `ray job submit` (or with RAY_ADDRESS / --address) join the cluster; otherwise a local Ray.
-init_ray(args.address)
 
-result = run_search(config, resume=args.resume)
-print_summary(result)
+def main(argv: list[str] | None = None) -> None:
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    config = config_from_args(args)
+    # before Ray starts: a relative data or output path would go wrong inside the job's uploaded copy
+    check_job_paths({"--root / data.root": config.data.root, "--folds": config.data.folds,
+                     "data.manifest": config.data.manifest},
+                    {"--out / storage_path": config.storage_path})
+    # Under `ray job submit` (or with RAY_ADDRESS / --address) join the cluster; otherwise a local Ray.
+    init_ray(args.address)
+
+    result = run_search(config, resume=args.resume)
+    print_summary(result)
+
+
+if __name__ == "__main__":
+    main()
