@@ -153,23 +153,28 @@ def test_report_headline_first_and_numbers_read_well(result_dir):
                                                                                   "1,234", "–"]
 
 
-def test_report_renders_in_a_headless_browser(result_dir, tmp_path):
-    """What a person sees: the headline on top, every image decoded, no table wider than the page.
-    Runs where Debian's chromium + chromium-driver and selenium are installed; skipped elsewhere."""
+def headless_chromium(*args: str):
+    """A headless Chromium driven by selenium where Debian's chromium + chromium-driver and selenium are
+    installed; the calling test is skipped elsewhere."""
     import shutil
 
     webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.common.by import By
-
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
         pytest.skip("chromium and chromium-driver are not installed")
-    path = render_report(result_dir, tmp_path / "report.html")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1600"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", *args):
         options.add_argument(arg)
-    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+
+
+def test_report_renders_in_a_headless_browser(result_dir, tmp_path):
+    """What a person sees: the headline on top, every image decoded, no table wider than the page.
+    Runs where Debian's chromium + chromium-driver and selenium are installed; skipped elsewhere."""
+    browser = headless_chromium("--window-size=1280,1600")  # skips where there is no browser
+    from selenium.webdriver.common.by import By
+    path = render_report(result_dir, tmp_path / "report.html")
     try:
         browser.get(path.as_uri())
         headline = browser.find_element(By.ID, "headline")
@@ -229,25 +234,15 @@ def test_archive_page_lists_every_file_with_its_windows(archive_output, tmp_path
 def test_archive_page_filters_and_plays_in_a_headless_browser(archive_output, tmp_path):
     """Filter by label and confidence, click a window and the player loads that recording at that range.
     Runs where Debian's chromium + chromium-driver and selenium are installed; skipped elsewhere."""
-    import shutil
     import time
-
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
 
     from ser_ray.annotate.commands import write_page
 
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        pytest.skip("chromium and chromium-driver are not installed")
+    browser = headless_chromium("--window-size=1280,1000", "--autoplay-policy=no-user-gesture-required",
+                                "--allow-file-access-from-files")  # skips where there is no browser
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
     page = Path(write_page(str(archive_output)))
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000",
-                "--autoplay-policy=no-user-gesture-required", "--allow-file-access-from-files"):
-        options.add_argument(arg)
-    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
     try:
         browser.get(page.as_uri())
         shown = lambda: browser.find_element(By.ID, "shown").text  # noqa: E731
