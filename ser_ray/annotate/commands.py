@@ -80,11 +80,12 @@ def write_page(output: str, page: str | None = None, fmt: str = "parquet", max_f
     """Render the archive page of the annotation output ``output``; returns its path (None when skipped)."""
     from ser_ray import storage
     from ser_ray.annotate.writer import ResultWriter
+    from ser_ray.artefacts import ANNOTATION_PAGE
     from ser_ray.report.archive import render_archive
 
     if page == "none" or (page is None and storage.is_s3(output)):
         return None
-    page = page or f"{output.rstrip('/')}/archive.html"
+    page = page or storage.join(output, ANNOTATION_PAGE)
     files, segments = ResultWriter(output, fmt).read_tables()
     if not len(files):
         return None

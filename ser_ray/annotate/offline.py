@@ -26,6 +26,7 @@ from ser_ray import storage
 from ser_ray.annotate.core import AnnotateConfig, annotate_file, file_row
 from ser_ray.annotate.listing import list_archive
 from ser_ray.annotate.writer import ResultWriter
+from ser_ray.artefacts import ANNOTATION_ATTEMPTS
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def _annotate_archive(input_uri, output_uri, bundle_uri, config, writer, *, batc
         num_actors = int(resources.get("GPU", 1)) if gpu else max(1, int(resources.get("CPU", 1)))
     num_actors = max(1, min(num_actors, len(todo)))
     ds = ray.data.from_items([{"uri": u} for u in todo], override_num_blocks=len(todo))
-    attempts = Attempts(storage.join(output_uri, "_attempts", uuid.uuid4().hex[:12]))
+    attempts = Attempts(storage.join(output_uri, ANNOTATION_ATTEMPTS, uuid.uuid4().hex[:12]))
     ds = ds.map_batches(
         AnnotateActor,
         batch_size=1,  # one file per call: long and short files balance across the pool

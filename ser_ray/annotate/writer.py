@@ -30,6 +30,8 @@ import pyarrow.parquet as pq
 
 from ser_ray import storage
 from ser_ray.annotate.lock import OutputLock
+from ser_ray.artefacts import ANNOTATION_FILES as FILES
+from ser_ray.artefacts import ANNOTATION_SEGMENTS as SEGMENTS
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +58,11 @@ class ResultWriter:
         """Take the output's lock (``OutputBusy`` if another run holds it), then tidy and read it."""
         self._lock = OutputLock(self.output_uri).acquire()
         try:
-            for table in ("files", "segments"):
+            for table in (FILES, SEGMENTS):
                 self.fs.create_dir(f"{self.root}/{table}", recursive=True)
             self._clean_orphans()
             self._done = self._read_done()
-            self._next = max(self._batches("files") | self._batches("segments"), default=-1) + 1
+            self._next = max(self._batches(FILES) | self._batches(SEGMENTS), default=-1) + 1
         except BaseException:
             self.close()
             raise
@@ -91,11 +93,11 @@ class ResultWriter:
         return out
 
     def _clean_orphans(self) -> None:
-        committed = self._batches("files")
-        for table in ("files", "segments"):
+        committed = self._batches(FILES)
+        for table in (FILES, SEGMENTS):
             for info in self._listing(table):
                 m = _PART.match(info.base_name)
-                orphan = table == "segments" and m and int(m.group(1)) not in committed
+                orphan = table == SEGMENTS and m and int(m.group(1)) not in committed
                 if orphan or info.base_name.endswith(".tmp"):
                     log.info("removing %s left by an interrupted run", info.path)
                     self.fs.delete_file(info.path)
@@ -114,7 +116,7 @@ class ResultWriter:
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
     def _read_done(self) -> set[str]:
-        files = self._read_table("files", ["uri", "status"])
+        files = self._read_table(FILES, ["uri", "status"])
         if not len(files):
             return set()
         return set(files.loc[files["status"].isin(FINAL), "uri"].tolist())
@@ -126,9 +128,9 @@ class ResultWriter:
     def read_tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """``(files_df, segments_df)``: one row per uri (its latest committed row; a ``retry`` row is
         superseded by a later one) and that row's segments, sorted by uri (and start)."""
-        committed = self._batches("files")
-        files = self._read_table("files")
-        segs = [self._read_part(self._part("segments", b)) for b in sorted(self._batches("segments") & committed)]
+        committed = self._batches(FILES)
+        files = self._read_table(FILES)
+        segs = [self._read_part(self._part(SEGMENTS, b)) for b in sorted(self._batches(SEGMENTS) & committed)]
         segs = [s for s in segs if len(s)]
         segments = pd.concat(segs, ignore_index=True) if segs else pd.DataFrame(columns=["uri", "start_s", "end_s"])
         if len(files):
@@ -169,8 +171,8 @@ class ResultWriter:
                 seen_segments.add(key)
                 segs.append(seg)
         if segs:
-            self._write(self._part("segments", batch), _frame(segs, batch))
-        self._write(self._part("files", batch), _frame(fresh, batch))
+            self._write(self._part(SEGMENTS, batch), _frame(segs, batch))
+        self._write(self._part(FILES, batch), _frame(fresh, batch))
         self._done |= {row["uri"] for row in fresh if row.get("status") in FINAL}
         return batch
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ser_ray.artefacts import CvResult
 from ser_ray.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def model_costs(result_dir: str | Path, summary: dict) -> dict:
     cache = load_cache_pandas(summary["feature_cache"], columns=["path", "features", "error"])
     params, epoch_s, infer_s, clips = None, [], 0.0, 0
     for fold in summary["folds_run"]:
-        fold_dir = result_dir / f"fold_{fold}"
+        fold_dir = CvResult(result_dir).fold_dir(fold)
         model, _ = load_model(str(fold_dir / "model"), map_location="cpu")
         params = int(sum(p.numel() for p in model.parameters()))
         history = json.loads((fold_dir / "history.json").read_text())
@@ -174,8 +175,7 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
     ens_dir = out / "ensemble"
     ens_dir.mkdir(parents=True, exist_ok=True)
     prob_cols = [f"prob_{label}" for label in labels]
-    fold_sets = [{int(p.parent.name.split("_")[1]) for p in (out / n).glob("fold_*/val_predictions.parquet")}
-                 for n in names]
+    fold_sets = [CvResult(out / n).folds_with("val_predictions.parquet") for n in names]
     folds = sorted(set.intersection(*fold_sets)) if fold_sets else []
     if not folds:
         raise ValueError(f"no fold has validation predictions from every member of {names}")
@@ -183,7 +183,7 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
     for fold in folds:
         val, test = [], []
         for name in names:
-            d = out / name / f"fold_{fold}"
+            d = CvResult(out / name).fold_dir(fold)
             held_out = d / "oof_predictions.parquet"
             val.append(pd.read_parquet(held_out if held_out.exists() else d / "val_predictions.parquet")
                        .set_index("path"))

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ser_ray.artefacts import CvResult
 from ser_ray.features.config import FeatureConfig
 from ser_ray.train.config import TrainConfig
 from ser_ray.train.data import assign_folds, feature_rows, fold_frames, label_mapped, load_manifest, speaker_list
@@ -154,10 +155,11 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
     splits = {f: fold_frames(manifest, data.protocol, f, data.val_fraction, config.seed) for f in range(n_folds)}
     fold_lists = [{"fold": f, **split.speakers()} for f, split in splits.items()]
     leaky = any(entry["overlap"] for entry in fold_lists)
-    (out / "folds.json").write_text(json.dumps({"protocol": data.protocol, "k": data.k, "seed": config.seed,
-                                                "folds_file": data.folds, "folds": fold_lists}, indent=1))
+    result = CvResult(out)
+    result.folds_json.write_text(json.dumps({"protocol": data.protocol, "k": data.k, "seed": config.seed,
+                                             "folds_file": data.folds, "folds": fold_lists}, indent=1))
     if leaky:
-        raise RuntimeError(f"{out}/folds.json: speakers shared between train/val/test; the split is not speaker-independent")
+        raise RuntimeError(f"{result.folds_json}: speakers shared between train/val/test; the split is not speaker-independent")
 
     feature_config = family_feature_config(config.family, FeatureConfig(**data.features))
     if data.speaker_norm:
@@ -170,10 +172,10 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
     run_id = config.name or f"{config.family}-{data.protocol}"
     all_metrics = []
     for f in chosen:
-        fold_dir = out / f"fold_{f}"
-        if (fold_dir / "metrics.json").exists():
-            log.info("fold %d: already done (%s), skipping", f, fold_dir / "metrics.json")
-            all_metrics.append(json.loads((fold_dir / "metrics.json").read_text()))
+        fold_dir = result.fold_dir(f)
+        if result.fold_done(f):
+            log.info("fold %d: already done (%s), skipping", f, result.fold_file(f, "metrics.json"))
+            all_metrics.append(json.loads(result.fold_file(f, "metrics.json").read_text()))
             continue
         tr, va, te = splits[f].with_features(rows, keep_failed=True)
         log.info("fold %d/%d: train %d clips (%d speakers), val %d (%d), test %d (%s)", f + 1, n_folds,
@@ -183,7 +185,7 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
                                     run_name=f"{run_id}-fold{f}", storage_path=storage_path))
 
     confusion = np.sum([np.asarray(m["confusion"]) for m in all_metrics], axis=0)
-    plot_confusion(confusion, labels, out / "confusion.png",
+    plot_confusion(confusion, labels, result.confusion_png,
                    title=f"{config.family} {data.protocol}: {len(all_metrics)} fold(s), row-normalised")
     summary = {
         **summarize_folds(all_metrics),
@@ -205,7 +207,7 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
         "feature_cache": cache.path,
         "config": config.to_dict(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    result.write_summary(summary)
     log.info("%s %s over %d fold(s): UA %.3f ± %.3f, WA %.3f ± %.3f, macro-F1 %.3f ± %.3f -> %s",
              config.family, data.protocol, len(all_metrics), summary["ua"]["mean"], summary["ua"]["std"],
              summary["wa"]["mean"], summary["wa"]["std"], summary["macro_f1"]["mean"],
