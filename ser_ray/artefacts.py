@@ -12,6 +12,7 @@ annotation output (written by ``annotate/writer.py``). Bundles carry their own v
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from ser_ray import storage
 
@@ -100,8 +101,6 @@ class CvResult:
     """
 
     def __init__(self, root):
-        from pathlib import Path
-
         self.root = Path(root)
 
     @property

@@ -104,7 +104,7 @@ def _timeline_svg(segs: pd.DataFrame, duration: float, colors: dict, attrs) -> s
         x = 100.0 * row.start_s / duration
         w = max(100.0 * (min(row.end_s, next_start) - row.start_s) / duration, 0.15)
         color = colors.get(row.label, "#999")
-        conf = float(row.confidence) if pd.notna(row.confidence) else 0.0
+        conf = float(row.confidence)
         rects.append(f'<rect x="{x:.3f}%" y="2" width="{w:.3f}%" height="30" fill="{color}" '
                      f'style="opacity:{0.25 + 0.75 * conf:.2f}" {attrs(row)}>'
                      f"<title>{row.start_s:.1f}–{row.end_s:.1f} s {html.escape(str(row.label))} "
@@ -144,7 +144,8 @@ def render_archive(files: pd.DataFrame, segments: pd.DataFrame, out: str | Path,
         uri = str(f.uri)
         name = uri.rsplit("/", 1)[-1]
         segs = by_uri.get(uri, pd.DataFrame(columns=["start_s", "end_s", "label", "confidence"]))
-        segs = segs.sort_values("start_s")
+        # a window without a confidence reads as 0 everywhere on the page (bar, filters, table)
+        segs = segs.sort_values("start_s").assign(confidence=lambda d: d["confidence"].astype(float).fillna(0.0))
         src = audio_link(uri, out.parent)
         head = f"<h3>{html.escape(name)}</h3><div class='muted'>{html.escape(uri)}</div>"
         if f.status != "ok":
@@ -159,7 +160,7 @@ def render_archive(files: pd.DataFrame, segments: pd.DataFrame, out: str | Path,
         duration = max(float(segs["end_s"].max()), 1e-3)
 
         def attrs(row, uri=uri, name=name, src=src):
-            conf = float(row.confidence) if pd.notna(row.confidence) else 0.0
+            conf = float(row.confidence)
             a = (f'data-uri="{html.escape(uri)}" data-name="{html.escape(name)}" data-start="{row.start_s:.3f}" '
                  f'data-end="{row.end_s:.3f}" data-label="{html.escape(str(row.label))}" data-conf="{conf:.4f}"')
             return a + (f' data-src="{html.escape(src)}"' if src else "")
@@ -167,7 +168,7 @@ def render_archive(files: pd.DataFrame, segments: pd.DataFrame, out: str | Path,
         rows = []
         for row in segs.head(max_rows_per_file).itertuples(index=False):
             play = f'<button {attrs(row)} title="play this window">▶</button>' if src else ""
-            conf = float(row.confidence) if pd.notna(row.confidence) else 0.0
+            conf = float(row.confidence)
             rows.append(f'<tr data-label="{html.escape(str(row.label))}" data-conf="{conf:.4f}"><td>{row.start_s:.1f}</td>'
                         f"<td>{row.end_s:.1f}</td><td>{html.escape(str(row.label))}</td><td>{conf:.3f}</td>"
                         f"<td>{play}</td></tr>")
