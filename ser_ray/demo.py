@@ -5,8 +5,10 @@ search over cnn, bigru_attn, logreg (on utterance functionals) and a tiny wav2ve
 created locally: no downloads) -> ensemble bundle -> Ray Serve endpoint -> annotate a synthetic
 archive of long recordings through the endpoint -> ``report.html``. Every stage is the same code the individual commands run.
 
-A second run in the same ``--out`` reuses the corpus, the archive and the feature cache; the search,
-the bundle and the annotations are redone from scratch (their directories are replaced).
+The search and the bundle are ``ser-ray run``'s stages (``ser_ray.pipeline``) on that corpus, so a
+second run in the same ``--out`` reuses the corpus, the archive, the feature cache and, when the budget
+and seed are the same, the finished search and bundle (saying so); the annotations and the report are
+redone. Another budget or seed searches again from scratch.
 """
 
 from __future__ import annotations
@@ -49,32 +51,6 @@ class DemoConfig:
         return BUDGETS[self.budget]
 
 
-class Stages:
-    """Announces each stage and keeps its wall time (they end up in throughput.json)."""
-
-    def __init__(self, total: int):
-        self.total, self.index, self.times = total, 0, {}
-        self.start = time.perf_counter()
-
-    def __call__(self, name: str):
-        self.index += 1
-        print(f"\n=== [{self.index}/{self.total}] {name}", flush=True)
-        return _Timed(self.times, name)
-
-
-class _Timed:
-    def __init__(self, times: dict, name: str):
-        self.times, self.name = times, name
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.times[self.name] = round(time.perf_counter() - self.t0, 1)
-        if exc[0] is None:
-            print(f"    done in {self.times[self.name]:.1f} s", flush=True)
-
-
 def tiny_wav2vec2(directory: Path, num_labels: int) -> str:
     """A small randomly initialised wav2vec2 saved with ``save_pretrained``: the real loading code
     (``from_pretrained(directory)``) runs without any hub access."""
@@ -104,12 +80,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     from ser_ray.corpora import build_manifest
     from ser_ray.corpora.manifest import write_manifest
     from ser_ray.corpora.synthetic import generate
+    from ser_ray.pipeline import PipelineConfig, Stages, run_pipeline
     from ser_ray.report.eda import describe
 
     out = Path(cfg.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     plan = cfg.plan
     stages = Stages(7)
+    for stale in ("bundle", "splits"):  # where demos before `ser-ray run` put them; the report would find them
+        shutil.rmtree(out / stale, ignore_errors=True)
     throughput: dict = {}
 
     with stages("synthetic corpus"):
@@ -117,7 +96,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         meta_path = corpus / "synthetic.json"
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         if meta.get("seed") == cfg.seed and len(meta.get("actors", [])) == plan["actors"]:
-            print(f"    reusing {corpus}")
+            print(f"      reusing {corpus}")
         else:
             shutil.rmtree(corpus, ignore_errors=True)
             generate(corpus, actors=plan["actors"], seed=cfg.seed)
@@ -126,7 +105,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         manifest, report = build_manifest("synthetic", str(corpus))
         write_manifest(manifest, str(out / "manifest.parquet"))
         describe(manifest, out / "eda")
-        print(f"    {len(manifest)} clips, {manifest['speaker'].nunique()} speakers, "
+        print(f"      {len(manifest)} clips, {manifest['speaker'].nunique()} speakers, "
               f"{manifest['emotion'].nunique()} emotions -> {out / 'manifest.parquet'}")
 
     started_ray = False
@@ -135,14 +114,15 @@ def run_demo(cfg: DemoConfig) -> dict:
             from ser_ray.session import connect
 
             started_ray = connect(cfg.address)
-            print(f"    cluster resources: {ray.cluster_resources()}")
+            print(f"      cluster resources: {ray.cluster_resources()}")
             # every epoch's dataset split would draw its own progress bar; the stages report instead
             from ray.data import DataContext
 
             DataContext.get_current().enable_progress_bars = False
 
-        result = _search(cfg, out, corpus, stages, throughput)
-        bundle_dir, ens_report = _ensemble(out, result, stages)
+        result = run_pipeline(PipelineConfig(search=_search_config(cfg, out, corpus)), stages, on_change="redo",
+                              report=False)  # the demo's report covers every stage, below
+        bundle_dir, ens_report = Path(result["bundle"]), result["ensemble_report"]
         annotation = _annotate(cfg, out, bundle_dir, stages, throughput, plan)
     finally:
         try:
@@ -172,16 +152,16 @@ def run_demo(cfg: DemoConfig) -> dict:
         "window_accuracy": annotation.get("window_accuracy"),
         "seconds": throughput["total demo seconds"],
     }
-    print("\n=== done")
+    print("done")
     for key, value in summary.items():
-        print(f"    {key}: {value:.3f}" if isinstance(value, float) else f"    {key}: {value}")
+        print(f"      {key}: {value:.3f}" if isinstance(value, float) else f"      {key}: {value}")
     return summary
 
 
-def _search(cfg: DemoConfig, out: Path, corpus: Path, stages: Stages, throughput: dict):
+def _search_config(cfg: DemoConfig, out: Path, corpus: Path):
+    """The search the demo runs: every family on the synthetic corpus, sized by the budget."""
     from ser_ray.corpora.labels import SIX_CLASS
     from ser_ray.tune.config import SearchConfig
-    from ser_ray.tune.search import run_search
 
     plan = cfg.plan
     # logreg: a classical member on utterance functionals, fitted in seconds inside its trial
@@ -190,7 +170,9 @@ def _search(cfg: DemoConfig, out: Path, corpus: Path, stages: Stages, throughput
     if plan["wav2vec2"]:
         pretrained = tiny_wav2vec2(out / "pretrained" / "tiny-wav2vec2", len(SIX_CLASS))
         space["wav2vec2"] = {"hparams": {"pretrained": pretrained, "freeze": "none"}}
-    search = SearchConfig(
+    # Tune turns the first Ctrl-C into "stop the experiment and return"; the demo should stop whole.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    return SearchConfig(
         name="search",
         data={"corpus": "synthetic", "root": str(corpus), "protocol": "fixed", "val_fraction": 0.15,
               "cache_root": str(out / "cache"), "features": {"n_mels": cfg.n_mels}},
@@ -208,66 +190,9 @@ def _search(cfg: DemoConfig, out: Path, corpus: Path, stages: Stages, throughput
         # two trials at a time on a 2-core laptop: trial process 0.25 + Train worker 0.75 CPU each
         resources={f: {"cpu": 0.75, "gpu": 0.25} for f in families},
     )
-    shutil.rmtree(out / "search", ignore_errors=True)
-    # Tune turns the first Ctrl-C into "stop the experiment and return"; the demo should stop whole.
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    with stages(f"search: {search.num_samples} trials over {', '.join(families)} (Optuna TPE + ASHA)"):
-        result = run_search(search)
-    n_asha = int((result.table.get("stop_reason") == "asha").sum()) if "stop_reason" in result.table else 0
-    print(f"    {len(result.table)} trials, {n_asha} stopped early by ASHA")
-    for family, best in result.best.items():
-        print(f"    best {family}: val UA {best['val']['ua']:.3f}"
-              + (f", test UA {best['test']['ua']:.3f}" if best.get("test") else ""))
-    _write_json(out / "splits" / "folds.json", _split_lists(result.path))
-    return result
 
 
-def _split_lists(experiment: str) -> dict:
-    """The speakers and clips of each side of the search's split, from the split.parquet it wrote."""
-    import pandas as pd
-
-    from ser_ray.train.data import Split
-
-    sides = Split.from_manifest(pd.read_parquet(str(Path(experiment) / "split.parquet"))).speakers()
-    return {
-        "protocol": "fixed (speaker-disjoint 70/10/20 of actors; validation inside training speakers)",
-        "leaky": bool(sides["overlap"]),
-        "speakers": {name: sides[f"{name}_speakers"] for name in ("train", "val", "test")},
-        "clips": {name: sides[f"n_{name}"] for name in ("train", "val", "test")},
-    }
-
-
-def _ensemble(out: Path, result, stages: Stages):
-    """The bundle from the experiment alone (``ser-ray ensemble --from``), plus its test confusion matrix."""
-    import numpy as np
-    import pandas as pd
-
-    from ser_ray.ensemble.bundle import load_bundle
-    from ser_ray.ensemble.commands import build_bundle
-    from ser_ray.ensemble.fit import label_ids, windows_from_frame
-    from ser_ray.report.plots import plot_confusion
-    from ser_ray.train.metrics import classification_metrics
-
-    with stages("ensemble of the best model per family"):
-        bundle_dir = out / "bundle"
-        shutil.rmtree(bundle_dir, ignore_errors=True)
-        report = build_bundle([result.path], str(bundle_dir))
-        bundle = load_bundle(str(bundle_dir))
-        # the ensemble's confusion matrix on the held-out test speakers
-        split = pd.read_parquet(str(Path(result.path) / "split.parquet"))
-        test_df = split[(split["split"] == "test") & split["emotion"].isin(bundle.labels)]
-        waves = windows_from_frame(test_df, bundle.sample_rate, bundle.window_s)
-        pred = bundle.predict_proba(waves).argmax(axis=1)
-        metrics = classification_metrics(label_ids(test_df["emotion"], bundle.labels), pred, bundle.labels)
-        plot_confusion(np.array(metrics["confusion"]), bundle.labels, str(bundle_dir / "ensemble_test_confusion.png"))
-        ens = report.get("test", {}).get("ensemble", {})
-        print(f"    weights {report['validation']['weights']}")
-        print(f"    test (held-out speakers): ensemble UA {ens.get('ua', float('nan')):.3f} "
-              f"WA {ens.get('wa', float('nan')):.3f} macro-F1 {ens.get('macro_f1', float('nan')):.3f}")
-    return bundle_dir, report
-
-
-def _annotate(cfg: DemoConfig, out: Path, bundle_dir: Path, stages: Stages, throughput: dict, plan: dict) -> dict:
+def _annotate(cfg: DemoConfig, out: Path, bundle_dir: Path, stages, throughput: dict, plan: dict) -> dict:
     import pandas as pd
     from ray import serve
 
@@ -292,7 +217,7 @@ def _annotate(cfg: DemoConfig, out: Path, bundle_dir: Path, stages: Stages, thro
                              api_key_sha256=digest(key))
         serve.run(build_app(config), name="ser-ray", route_prefix="/")
         url = f"http://127.0.0.1:{cfg.port}"
-        print(f"    endpoint {url} (GET /healthz, /labels; POST /predict, /annotate)")
+        print(f"      endpoint {url} (GET /healthz, /labels; POST /predict, /annotate)")
         annotations = out / "annotations"
         shutil.rmtree(annotations, ignore_errors=True)
         summary = annotate_via_endpoint(str(archive), str(annotations), url, batch_files=1, concurrency=2,
@@ -317,7 +242,7 @@ def _annotate(cfg: DemoConfig, out: Path, bundle_dir: Path, stages: Stages, thro
         }
         _write_json(annotations / "annotation_summary.json", annotation)
         throughput["endpoint annotation (audio s per wall s)"] = round(audio_s / wall_s, 1)
-        print(f"    {annotation['files']} files, {annotation['windows']} windows, window accuracy vs "
+        print(f"      {annotation['files']} files, {annotation['windows']} windows, window accuracy vs "
               f"ground truth {acc:.3f}, {audio_s / wall_s:.1f} audio s per wall s")
     return annotation
 

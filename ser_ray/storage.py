@@ -80,6 +80,13 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def remove_tree(uri: str) -> None:
+    """Delete a directory (local or ``s3://`` prefix) and everything below it; nothing there is fine."""
+    fs, path = filesystem_and_path(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
 def size(uri: str) -> int:
     fs, path = filesystem_and_path(uri)
     return fs.get_file_info(path).size

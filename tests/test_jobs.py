@@ -1,5 +1,6 @@
-"""`ray job submit` of jobs/pipeline.py against a real local Ray head (its own ports and temp dir), then
-the user's own commands on what it left: `ser-ray ensemble --from EXPERIMENT` and `ser-ray annotate`."""
+"""`ray job submit` against a real local Ray head (its own ports and temp dir): jobs/pipeline.py, then the
+user's own commands on what it left (`ser-ray ensemble --from EXPERIMENT`, `ser-ray annotate`); and the
+README's own job commands, run as written in a copy of the repository."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import re
+
 import pandas as pd
 import pytest
 import yaml
@@ -23,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     """``ray start --head --block`` in a subprocess; stopped by its pid (never a machine-wide ``ray stop``).
 
@@ -183,3 +186,74 @@ def test_jobs_refuse_relative_paths_that_break_under_working_dir(tmp_path):
     assert "data/synthetic: not in the job's uploaded working directory" in missing.stderr
     relative_out = job("--root", str(tmp_path), "--out", "results/tune")
     assert relative_out.returncode == 2 and "deleted with it" in relative_out.stderr
+
+
+def readme_job_lines() -> list[str]:
+    """The commands of the README's "Jobs on a Ray cluster" block, continuation lines joined."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Jobs on a Ray cluster"):]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    return [line.strip() for line in re.sub(r"\\\n\s*", " ", block).splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
+@pytest.mark.timeout(600)
+def test_readme_job_commands_run_as_written(ray_head, tmp_path):
+    """The local-head part of the README's job block, word for word, from a copy of the repository
+    with `ser-ray synth`'s corpus in data/. To fit CI, the copy's corpus is small (10 actors, 2
+    sentences) and its configs/tune-synthetic.yaml searches 4 trials of 2 epochs (12 of up to 8 as
+    shipped: about 10 minutes on 2 CPUs); every other setting and the commands are as shipped. Left
+    out: `ray start` and `export` (the fixture's head has its own ports), the demo job (its `small`
+    budget takes minutes; the same code runs in `ser-ray demo`) and the AWS lines."""
+    from ser_ray.corpora.synthetic import generate
+
+    lines = readme_job_lines()
+    tune = [line for line in lines if line.startswith("ray job submit") and "jobs/tune.py" in line
+            and "tune-synthetic" in line]
+    ensemble = [line for line in lines if line.startswith("ser-ray ensemble --from")]
+    assert len(tune) == 1 and len(ensemble) == 1, lines
+    repo = tmp_path / "repo"  # what a user has after `git clone`: tracked files, no data/ or results/
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split()
+    for name in listed:
+        if (REPO / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, repo / name)
+    config_path = repo / "configs" / "tune-synthetic.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config.update(num_samples=4, max_epochs=2, grace_period=1)
+    config_path.write_text(yaml.safe_dump(config))
+    generate(repo / "data" / "synthetic", actors=10, seed=0, sentences=["TIE", "IOM"], workers=1, progress=False)
+    env = {**ray_head, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", "PWD": str(repo)}
+
+    def run(line: str) -> str:
+        done = subprocess.run(["bash", "-c", line], cwd=repo, env=env, capture_output=True, text=True, timeout=400)
+        logs = done.stdout + done.stderr
+        assert done.returncode == 0 and "Traceback" not in logs, f"{line}\nexit {done.returncode}:\n{logs[-5000:]}"
+        return logs
+
+    logs = run(tune[0])
+    assert "succeeded" in logs.lower()
+    experiment = repo / "results" / "tune" / "tune-synthetic"
+    best = json.loads((experiment / "best.json").read_text())
+    assert {"cnn", "bigru_attn"} <= set(best) and (experiment / "split.parquet").exists()
+    assert len(pd.read_parquet(experiment / "trials.parquet")) == 4
+    run(ensemble[0])
+    bundle = json.loads((repo / "results" / "bundle" / "bundle.json").read_text())
+    assert sorted(m["name"] for m in bundle["members"]) == ["bigru_attn", "cnn"]
+    metrics = json.loads((repo / "results" / "bundle" / "ensemble_metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["ensemble"]["ua"] <= 1.0
+    assert (repo / "results" / "bundle" / "ensemble_test_confusion.png").stat().st_size > 0
+
+
+def test_a_finished_search_is_compared_with_the_config_before_it_is_skipped():
+    from ser_ray.pipeline import config_changes
+    from ser_ray.tune.config import SearchConfig
+
+    saved = json.loads(json.dumps(SearchConfig(families=["logreg"], num_samples=4).to_dict(), default=str))
+    same_results = SearchConfig(families=["logreg"], num_samples=4, max_concurrent_trials=8,
+                                resources={"logreg": {"cpu": 2}}, storage_path="/elsewhere")
+    assert config_changes(saved, same_results) == []  # where trials run does not change what they find
+    other = SearchConfig(families=["logreg", "svm"], num_samples=6, data={"features": {"n_mels": 32}})
+    assert config_changes(saved, other) == ["data.features.n_mels", "families", "num_samples"]
+    assert config_changes(None, other) == []  # an experiment from before configs were saved

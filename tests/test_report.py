@@ -267,3 +267,16 @@ def test_archive_page_filters_and_plays_in_a_headless_browser(archive_output, tm
         assert (tmp_path / "archive.png").stat().st_size > 10_000
     finally:
         browser.quit()
+
+
+def test_the_split_section_reads_a_search_experiment_when_there_is_no_folds_json(tmp_path):
+    """`ser-ray run` leaves <experiment>/split.parquet and best.json, no folds.json."""
+    experiment = tmp_path / "search"
+    experiment.mkdir()
+    pd.DataFrame({"speaker": ["a", "a", "b", "c", "d"], "split": ["train", "train", "train", "val", "test"],
+                  "emotion": "anger"}).to_parquet(experiment / "split.parquet")
+    (experiment / "best.json").write_text(json.dumps({"_search": {"split": {"protocol": "kfold", "leaky": False}}}))
+    text = render_report(tmp_path).read_text()
+    section = text[text.index('id="splits"'):text.index('id="search"')]
+    assert "kfold" in section and "LEAKY" not in section
+    assert ">a, b<" in section and ">c<" in section and ">d<" in section  # speakers per side

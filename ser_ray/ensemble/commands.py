@@ -74,6 +74,12 @@ def build_bundle(sources: list[str], out: str, manifest_path: str | None = None,
     bundle, report = fit_bundle_from_dirs(dirs, val, test, device=device, data_summary=summary)
     save_bundle(bundle, out)
     storage.write_bytes(storage.join(out, "ensemble_metrics.json"), json.dumps(report, indent=2).encode())
+    if "test" in report:  # the ensemble's errors on the held-out speakers, as people would rather look at them
+        from ser_ray.report.plots import plot_confusion
+
+        plot_confusion(report["test"]["ensemble"]["confusion"], bundle.labels,
+                       storage.join(out, "ensemble_test_confusion.png"),
+                       title="ensemble on the test speakers (row-normalised)")
     return report
 
 

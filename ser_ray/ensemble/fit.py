@@ -47,7 +47,8 @@ def windows_from_frame(df: pd.DataFrame, sample_rate: int = 16_000, window_s: fl
 
 # -- fitting ----------------------------------------------------------------------------------
 def scores(probs: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> dict:
-    """UA, WA, macro-F1, ECE and NLL of probabilities against true class ids."""
+    """UA, WA, macro-F1, ECE, NLL and the ``[true][pred]`` confusion matrix of probabilities against
+    true class ids."""
     from ser_ray.train.metrics import classification_metrics, expected_calibration_error
 
     m = classification_metrics(y, probs.argmax(axis=1), list(labels))
@@ -58,6 +59,7 @@ def scores(probs: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> dict:
         "ece": expected_calibration_error(probs, y),
         "nll": nll(probs, y),
         "n": int(len(y)),
+        "confusion": m["confusion"],
     }
 
 

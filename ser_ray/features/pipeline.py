@@ -138,12 +138,6 @@ def _info_from_json(cache_dir: str, meta: dict, reused: bool, seconds: float) ->
     )
 
 
-def _delete_dir(uri: str) -> None:
-    fs, path = storage.filesystem_and_path(uri)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
-
-
 # -- prepare ---------------------------------------------------------------------------------------
 
 
@@ -185,7 +179,7 @@ def prepare(
     if storage.exists(cache_dir):
         log.warning("%s has no %s (an interrupted run): removing it and starting again",
                     cache_dir, CACHE_JSON)
-        _delete_dir(cache_dir)
+        storage.remove_tree(cache_dir)
 
     from ser_ray.session import ensure
 

@@ -121,10 +121,24 @@ def section_corpus(root: Path) -> str:
     return "".join(parts) if any(parts) else _missing("eda/ (run `ser-ray describe`)")
 
 
+def _search_split(root: Path) -> dict | None:
+    """The speakers on each side of a search's split (``<experiment>/split.parquet``), as folds.json has them."""
+    found = _find(root, "**/split.parquet")
+    if not found:
+        return None
+    split = pd.read_parquet(found[0], columns=["speaker", "split"])
+    search = _json(found[0].parent / "best.json") or {}
+    protocol = (search.get("_search") or {}).get("split") or {}
+    return {"protocol": f"{protocol.get('protocol', '?')} (the search's split; validation speakers inside training)",
+            "leaky": bool(protocol.get("leaky")),
+            "speakers": {side: sorted(split.loc[split["split"] == side, "speaker"].unique().tolist())
+                         for side in ("train", "val", "test")}}
+
+
 def section_splits(root: Path) -> str:
-    folds = _json(root / "splits" / "folds.json") or _json(root / "folds.json")
+    folds = _json(root / "splits" / "folds.json") or _json(root / "folds.json") or _search_split(root)
     if not folds:
-        return _missing("splits/folds.json")
+        return _missing("splits/folds.json or a search's split.parquet")
     parts = []
     if folds.get("leaky"):
         parts.append('<p class="leaky">LEAKY split: clips of one speaker on both sides.</p>')

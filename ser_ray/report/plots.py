@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -11,9 +12,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Lay out, write (creating the folder) and close a figure: every ser-ray PNG goes through here."""
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path | str:
+    """Lay out, write (creating the folder, or under an ``s3://`` prefix) and close a figure: every
+    ser-ray PNG goes through here."""
+    from ser_ray import storage
+
     fig.tight_layout()
+    if storage.is_s3(str(path)):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=dpi, format="png")
+        plt.close(fig)
+        storage.write_bytes(str(path), buffer.getvalue())
+        return str(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)

@@ -158,7 +158,8 @@ def write_best(table: pd.DataFrame, data: SearchData | None, cfg: SearchConfig) 
         best[family] = entry
     summary = {"metric": cfg.metric, "selection": "validation", "families": best,
                "experiment": cfg.experiment_path, "n_trials": int(len(table)), "manifest": split_path,
-               "split": {"protocol": cfg.data.protocol, "test_fold": cfg.data.test_fold, "leaky": False}}
+               "split": {"protocol": cfg.data.protocol, "test_fold": cfg.data.test_fold, "leaky": False},
+               "config": cfg.to_dict()}  # what `ser-ray run` compares before it skips a finished search
     experiment.write_best(best, summary)
     return best
 
