@@ -122,10 +122,21 @@ def annotate_archive(
                                  num_actors=num_actors, device=device, progress=progress, max_attempts=max_attempts)
 
 
+LOST_WORKER_RESUMES = 3  # rounds started again after losing workers (a node died) before giving up
+
+
+def _lost_worker_errors() -> tuple:
+    """What Ray raises when workers disappear (their node died, an actor cannot come back): the files
+    not yet committed can be done again elsewhere. An exception inside annotation code is not one."""
+    from ray import exceptions
+
+    return (exceptions.RayActorError, exceptions.NodeDiedError, exceptions.ObjectLostError,
+            exceptions.WorkerCrashedError)
+
+
 def _annotate_archive(input_uri, output_uri, bundle_uri, config, writer, *, batch_files, num_actors, device,
                       progress, max_attempts) -> dict:
     import ray
-    from ray.data import ActorPoolStrategy
 
     uris = list_archive(input_uri, output_uri)
     done = writer.done_uris()
@@ -140,13 +151,49 @@ def _annotate_archive(input_uri, output_uri, bundle_uri, config, writer, *, batc
     from ser_ray.session import ensure
 
     ensure()
-    gpu = str(device).startswith("cuda")
-    if num_actors is None:
-        resources = ray.cluster_resources()
-        num_actors = int(resources.get("GPU", 1)) if gpu else max(1, int(resources.get("CPU", 1)))
-    num_actors = max(1, min(num_actors, len(todo)))
-    ds = ray.data.from_items([{"uri": u} for u in todo], override_num_blocks=len(todo))
     attempts = Attempts(storage.join(output_uri, ANNOTATION_ATTEMPTS, uuid.uuid4().hex[:12]))
+    bar = _progress(len(uris), summary["n_skipped"], progress)
+    start = time.perf_counter()
+    for resumes in range(LOST_WORKER_RESUMES + 1):
+        try:
+            _annotate_round(todo, bundle_uri, config, writer, summary, bar, start, batch_files=batch_files,
+                            num_actors=num_actors, device=device, attempts=attempts, max_attempts=max_attempts)
+            break
+        except _lost_worker_errors() as exc:
+            # committed batches stay; the pool is rebuilt on what is left of the cluster
+            done = writer.done_uris()
+            todo = [u for u in uris if u not in done]
+            if resumes == LOST_WORKER_RESUMES or not todo:
+                raise
+            log.warning("lost workers (%s: %s); resuming the %d file(s) not yet written on the nodes left",
+                        type(exc).__name__, str(exc).splitlines()[0][:200], len(todo))
+            num_actors = None if num_actors is None else min(num_actors, _actor_room(ray, device))
+    if bar is not None:
+        bar.close()
+    attempts.clear()
+    log.info(
+        "annotated %d files (%d errors), %.2f h of audio in %.0f s (%.0fx real time) -> %s",
+        summary["n_processed"], summary["n_error"], summary["audio_s"] / 3600, summary["wall_s"],
+        summary["audio_s"] / max(summary["wall_s"], 1e-9), output_uri,
+    )
+    return summary
+
+
+def _actor_room(ray, device) -> int:
+    """Actors the alive nodes have room for: one per CPU, or per GPU with a CUDA ``device``."""
+    resources = ray.cluster_resources()  # alive nodes only
+    return max(1, int(resources.get("GPU", 1)) if str(device).startswith("cuda") else int(resources.get("CPU", 1)))
+
+
+def _annotate_round(todo, bundle_uri, config, writer, summary, bar, start, *, batch_files, num_actors, device,
+                    attempts, max_attempts) -> None:
+    """One pass of the actor pool over ``todo``, committing each batch as it arrives."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    gpu = str(device).startswith("cuda")
+    num_actors = max(1, min(num_actors or _actor_room(ray, device), len(todo)))
+    ds = ray.data.from_items([{"uri": u} for u in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         AnnotateActor,
         batch_size=1,  # one file per call: long and short files balance across the pool
@@ -160,14 +207,10 @@ def _annotate_archive(input_uri, output_uri, bundle_uri, config, writer, *, batc
         max_restarts=-1,
         max_task_retries=max_attempts + 2,
     )
-
-    bar = _progress(len(uris), summary["n_skipped"], progress)
-    start = time.perf_counter()
     for batch in ds.iter_batches(batch_size=batch_files, batch_format="numpy"):
         files = [json.loads(s) for s in batch["file_row"]]
         segments = [seg for s in batch["segments"] for seg in json.loads(s)]
-        batch_id = writer.commit(files, segments)
-        summary["batches"].append(batch_id)
+        summary["batches"].append(writer.commit(files, segments))
         ok = [f for f in files if f["status"] == "ok"]
         summary["n_processed"] += len(files)
         summary["n_ok"] += len(ok)
@@ -181,15 +224,6 @@ def _annotate_archive(input_uri, output_uri, bundle_uri, config, writer, *, batc
                 speed=f"{summary['audio_s'] / max(summary['wall_s'], 1e-9):.0f}x",
                 errors=summary["n_error"],
             )
-    if bar is not None:
-        bar.close()
-    attempts.clear()
-    log.info(
-        "annotated %d files (%d errors), %.2f h of audio in %.0f s (%.0fx real time) -> %s",
-        summary["n_processed"], summary["n_error"], summary["audio_s"] / 3600, summary["wall_s"],
-        summary["audio_s"] / max(summary["wall_s"], 1e-9), output_uri,
-    )
-    return summary
 
 
 def _progress(total: int, initial: int, enabled: bool):
