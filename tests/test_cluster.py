@@ -174,5 +174,16 @@ def test_annotate_job_loses_a_node_and_still_writes_one_row_per_file(two_nodes, 
     assert (files["status"] == "ok").sum() == n_files, files[["uri", "status", "error"]]
     assert not segments.duplicated(["uri", "start_s", "end_s"]).any()
     assert "lost workers" in logs  # the pool was rebuilt on the head and the rest done there
+    # the same windows and probabilities as one process labelling those files alone
+    from ser_ray.annotate.core import AnnotateConfig, annotate_file
+    from ser_ray.ensemble.bundle import load_bundle
+
+    model = load_bundle(bundle)
+    config = AnnotateConfig(hop_s=0.5).with_labels(model.labels)
+    for uri in sorted(files.loc[files["status"] == "ok", "uri"])[::8]:
+        _, alone = annotate_file(uri, model.predict_proba, config)
+        ours = segments[segments["uri"] == uri].sort_values("start_s")
+        assert [s["label"] for s in alone] == ours["label"].tolist()
+        assert np.allclose([s["confidence"] for s in alone], ours["confidence"], atol=1e-5)
     print(json.dumps({"committed_before_kill": before, "rows": len(files), "segments": len(segments),
                       "resumed": [line for line in logs.splitlines() if "lost workers" in line][:1]}))
