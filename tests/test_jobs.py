@@ -201,8 +201,10 @@ def readme_job_lines() -> list[str]:
 def test_readme_job_commands_run_as_written(ray_head, tmp_path):
     """The local-head part of the README's job block, word for word, from a copy of the repository
     with `ser-ray synth`'s corpus in data/. To fit CI, the copy's corpus is small (10 actors, 2
-    sentences) and its configs/tune-synthetic.yaml searches 4 trials of 2 epochs (12 of up to 8 as
-    shipped: about 10 minutes on 2 CPUs); every other setting and the commands are as shipped. Left
+    sentences) and its configs/tune-synthetic.yaml searches 2 trials (each family's default config,
+    side by side) of 2 epochs (12 of up to 8 as shipped: about 10 minutes on 2 CPUs); every other
+    setting and the commands are as shipped. (With the test session's own local Ray beside the head,
+    trials queued behind finished ones never started: the README's "one local Ray per machine".) Left
     out: `ray start` and `export` (the fixture's head has its own ports), the demo job (its `small`
     budget takes minutes; the same code runs in `ser-ray demo`) and the AWS lines."""
     from ser_ray.corpora.synthetic import generate
@@ -221,15 +223,21 @@ def test_readme_job_commands_run_as_written(ray_head, tmp_path):
             shutil.copy2(REPO / name, repo / name)
     config_path = repo / "configs" / "tune-synthetic.yaml"
     config = yaml.safe_load(config_path.read_text())
-    config.update(num_samples=4, max_epochs=2, grace_period=1)
+    config.update(num_samples=2, max_epochs=2, grace_period=1)
     config_path.write_text(yaml.safe_dump(config))
     generate(repo / "data" / "synthetic", actors=10, seed=0, sentences=["TIE", "IOM"], workers=1, progress=False)
     env = {**ray_head, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", "PWD": str(repo)}
 
     def run(line: str) -> str:
-        done = subprocess.run(["bash", "-c", line], cwd=repo, env=env, capture_output=True, text=True, timeout=400)
-        logs = done.stdout + done.stderr
-        assert done.returncode == 0 and "Traceback" not in logs, f"{line}\nexit {done.returncode}:\n{logs[-5000:]}"
+        log = tmp_path / "command.log"
+        with log.open("w") as out:
+            try:
+                code = subprocess.run(["bash", "-c", line], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                      timeout=400).returncode
+            except subprocess.TimeoutExpired:
+                code = "timeout (400 s)"
+        logs = log.read_text()
+        assert code == 0 and "Traceback" not in logs, f"{line}\nexit {code}:\n{logs[-5000:]}"
         return logs
 
     logs = run(tune[0])
@@ -237,7 +245,7 @@ def test_readme_job_commands_run_as_written(ray_head, tmp_path):
     experiment = repo / "results" / "tune" / "tune-synthetic"
     best = json.loads((experiment / "best.json").read_text())
     assert {"cnn", "bigru_attn"} <= set(best) and (experiment / "split.parquet").exists()
-    assert len(pd.read_parquet(experiment / "trials.parquet")) == 4
+    assert len(pd.read_parquet(experiment / "trials.parquet")) == 2
     run(ensemble[0])
     bundle = json.loads((repo / "results" / "bundle" / "bundle.json").read_text())
     assert sorted(m["name"] for m in bundle["members"]) == ["bigru_attn", "cnn"]
