@@ -27,6 +27,7 @@ CLASSICAL = FeatureConfig(kind="functionals", window_s=1.0, n_mels=32, n_mfcc=13
 MAX_UPLOAD_MB = 0.25
 API_KEY = "test-key-0123456789"
 REQUEST_TIMEOUT_S = 20
+MAX_WINDOWS_PER_REQUEST = 16  # 1 s windows every 0.5 s: 8 s of audio per /annotate request
 
 
 def tone(seconds: float, sr: int = 16_000, freq: float = 220.0, seed: int = 0, channels: int = 1) -> np.ndarray:
@@ -196,7 +197,7 @@ def served(ray_session, tmp_path_factory):
         bundle=bundle, allowed_roots=[str(root)], allowed_buckets=[bucket], max_upload_mb=MAX_UPLOAD_MB,
         hop_s=0.5, max_batch_size=8, num_cpus=0.5, ingress_num_cpus=0.25, ingress_threads=4,
         api_key_sha256=digest(API_KEY), ingress_max_ongoing=8, max_queued_requests=4, retry_after_s=3,
-        request_timeout_s=REQUEST_TIMEOUT_S,
+        request_timeout_s=REQUEST_TIMEOUT_S, max_windows_per_request=MAX_WINDOWS_PER_REQUEST,
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
@@ -484,7 +485,8 @@ def test_slow_uploads_cannot_hold_the_endpoint(served):
 
 
 class _ScriptedEndpoint:
-    """A stand-in /annotate that answers from a script: (status, headers) per request, then 200 rows."""
+    """A stand-in /annotate that answers from a script: (status, headers[, delay_s]) per request, then
+    200 rows."""
 
     def __init__(self, script):
         import http.server
@@ -501,7 +503,8 @@ class _ScriptedEndpoint:
             def do_POST(self):
                 uris = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["uris"]
                 endpoint.times.append(time.perf_counter())
-                status, headers = endpoint.script.pop(0) if endpoint.script else (200, {})
+                status, headers, *delay = endpoint.script.pop(0) if endpoint.script else (200, {})
+                time.sleep(delay[0] if delay else 0.0)  # a server still computing
                 body = {"files": [{"uri": u, "status": "ok", "error": None, "duration_s": 1.0, "label": "anger",
                                    "n_segments": 0, "n_windows": 1} for u in uris], "segments": []}
                 data = json.dumps(body if status == 200 else {"detail": "busy"}).encode()
@@ -541,6 +544,94 @@ def test_client_honours_retry_after_and_stops_at_once_on_a_fatal_answer(tmp_path
                               progress=False, api_key="k")
     assert time.perf_counter() - start < 10  # the 60 s waits were not sat out
     endpoint.server.shutdown()
+
+
+def test_a_timed_out_batch_is_not_sent_again_while_the_server_may_still_compute_it(tmp_path):
+    """The client re-sent a timed-out batch while the server still computed it (up to 6x the load).
+    Now its URIs get retry rows at once, and the next run annotates them."""
+    from ser_ray.annotate.endpoint import annotate_via_endpoint
+    from ser_ray.annotate.writer import ResultWriter
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for i in range(3):
+        (archive / f"{i}.wav").write_bytes(b"x")
+    endpoint = _ScriptedEndpoint([(200, {}, 4.0)])  # answers after 4 s; the client waits 1 s
+    summary = annotate_via_endpoint(str(archive), str(tmp_path / "out"), endpoint.url, batch_files=3,
+                                    progress=False, api_key="k", timeout_s=1.0)
+    time.sleep(4.0)  # long enough for a re-sent batch to have arrived
+    assert len(endpoint.times) == 1 and summary["n_ok"] == 0
+    files = ResultWriter(str(tmp_path / "out")).read_tables()[0]
+    assert set(files["status"]) == {"retry"} and set(files["error_code"]) == {"timeout"} and len(files) == 3
+    again = annotate_via_endpoint(str(archive), str(tmp_path / "out"), endpoint.url, batch_files=3,
+                                  progress=False, api_key="k", timeout_s=10.0)
+    assert (again["n_processed"], again["n_ok"], len(endpoint.times)) == (3, 3, 2)
+    files = ResultWriter(str(tmp_path / "out")).read_tables()[0]
+    assert set(files["status"]) == {"ok"} and files["uri"].is_unique and len(files) == 3
+    endpoint.server.shutdown()
+
+
+def test_one_request_makes_a_bounded_number_of_windows(served):
+    """Nothing bounded the windows of one /annotate request (256 files x 4 h each, every segment in one
+    answer). Now the files of a request share max_windows_per_request, taken from each header before
+    any window is read: a file that does not fit gets a retry row (request_full), one that could never
+    fit an error row, and the client sends the retry rows again alone, so every file still gets its row."""
+    from ser_ray.annotate.endpoint import annotate_via_endpoint
+    from ser_ray.annotate.writer import ResultWriter
+
+    folder = served.root / "budget"
+    folder.mkdir()
+    for i in range(4):  # 3.2 s at hop 0.5: 6 windows each, 24 together (limit 16)
+        sf.write(folder / f"clip{i}.wav", tone(3.2, seed=20 + i), 16_000)
+    sf.write(served.root / "huge.wav", tone(9.0, seed=30), 16_000)  # 17 windows: never fits
+    uris = [str(p) for p in sorted(folder.iterdir())]
+    answer = served.http.post("/annotate", json={"uris": uris + [str(served.root / "huge.wav")]}).json()
+    rows = {f["uri"]: f for f in answer["files"]}
+    assert len(rows) == 5 and len(answer["segments"]) <= MAX_WINDOWS_PER_REQUEST
+    assert rows[str(served.root / "huge.wav")]["error_code"] == "too_long"
+    assert "max_windows_per_request" in rows[str(served.root / "huge.wav")]["error"]
+    fitted = [u for u in uris if rows[u]["status"] == "ok"]
+    full = [u for u in uris if rows[u]["status"] == "retry"]
+    assert len(fitted) == 2 and len(full) == 2 and {rows[u]["error_code"] for u in full} == {"request_full"}
+    assert sum(rows[u]["n_windows"] for u in fitted) <= MAX_WINDOWS_PER_REQUEST
+    assert served.http.get("/healthz").json()["limits"]["max_windows_per_request"] == MAX_WINDOWS_PER_REQUEST
+
+    out = served.tmp / "budget-out"
+    summary = annotate_via_endpoint(str(folder), str(out), served.url, batch_files=4, progress=False,
+                                    api_key=API_KEY)
+    files, segments = ResultWriter(str(out)).read_tables()
+    assert (summary["n_ok"], len(files)) == (4, 4) and set(files["status"]) == {"ok"} and files["uri"].is_unique
+    assert len(segments) == 4 * 6 and not segments.duplicated(["uri", "start_s"]).any()
+
+
+def test_a_member_slower_than_its_timeout_gives_503_not_a_hang(served):
+    """Member calls had no time limit and /healthz said ok without asking the members. A second app on
+    the same Serve instance, whose member limit (1 ms) no model call can meet: /healthz, /annotate and
+    /predict answer 503 with Retry-After within seconds, and the first app is unaffected."""
+    from ray import serve
+
+    from ser_ray.ensemble.bundle import Bundle, Member, load_bundle, save_bundle
+    from ser_ray.serve.app import ServeConfig, build_app
+
+    cnn = load_bundle(served.bundle).members[0]
+    one = save_bundle(Bundle(labels=LABELS, members=[Member("cnn", cnn.model, FEATURES, name="cnn")],
+                             sample_rate=16_000, window_s=1.0), str(served.tmp / "one-member"))
+    config = ServeConfig(bundle=one, allowed_roots=[str(served.root)], hop_s=0.5,
+                         num_cpus=0.05, ingress_num_cpus=0.05, ingress_threads=2, api_key_sha256=digest(API_KEY),
+                         member_timeout_s=0.001, retry_after_s=2, route_prefix="/slow")
+    serve.run(build_app(config), name="ser-ray-slow", route_prefix="/slow")
+    try:
+        start = time.perf_counter()
+        health = httpx.get(served.url + "/slow/healthz", timeout=30)
+        assert health.status_code == 503 and health.json()["member_status"]["cnn"] != "ok", health.text
+        r = served.http.post("/slow/annotate", json={"uris": [str(served.root / "a.wav")]})
+        assert r.status_code == 503 and r.headers["retry-after"] == "2", r.text
+        r = served.http.post("/slow/predict", files={"file": ("clip.wav", wav_bytes(1.0), "audio/wav")})
+        assert r.status_code == 503, r.text
+        assert time.perf_counter() - start < 20
+    finally:
+        serve.delete("ser-ray-slow")
+    assert_still_serving(served)
 
 
 def test_serve_cli_fails_clearly_when_nothing_listens_where_it_claims():

@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import logging
 import os
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -100,20 +101,60 @@ def file_row(uri: str, labels: Sequence[str], **values) -> dict:
     return row
 
 
+class WindowBudget:
+    """Windows that several files (one ``/annotate`` request) may make together; thread-safe.
+
+    Each file takes its count from the header, before any window is read; a file that does not fit
+    gets a ``retry`` row (``request_full``), so one request's answer stays bounded however many long
+    files it names.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = self.left = int(limit)
+        self._lock = threading.Lock()
+
+    def take(self, windows: int) -> bool:
+        with self._lock:
+            if windows > self.left:
+                return False
+            self.left -= windows
+            return True
+
+
+class WindowBudgetSpent(Exception):
+    """The file's windows do not fit in what is left of its request's ``WindowBudget``."""
+
+
 def annotate_file(uri: str, predict_proba: PredictProba, config: AnnotateConfig = AnnotateConfig(),
-                  opener: Opener | None = None) -> tuple[dict, list[dict]]:
+                  opener: Opener | None = None, budget: WindowBudget | None = None) -> tuple[dict, list[dict]]:
     """``(file_row, segment_rows)`` for one local path or ``s3://`` URI; never raises for bad input.
 
     ``opener`` opens a local path (default: any regular file); Serve passes one that never leaves
-    its allowed roots.
+    its allowed roots, and a ``budget`` shared by the files of one request.
     """
     labels = _labels(predict_proba, config)
     bundle = getattr(predict_proba, "__self__", None)
     config = resolve_normalisation(config, getattr(bundle, "normalise_by", "none"))
     name = os.path.basename(uri.rstrip("/")) or uri
+    taken = False
+
+    def reserve(windows: int) -> None:
+        nonlocal taken  # a storage retry re-reads the header: take the file's windows once
+        if budget is not None and not taken:
+            if windows > budget.limit:  # would never fit, however the files are batched
+                raise AudioError(f"{name}: {windows} windows are over the limit of {budget.limit} per request "
+                                 "(max_windows_per_request)", "too_long")
+            if not budget.take(windows):
+                raise WindowBudgetSpent(windows)
+            taken = True
+
     for attempt in range(1, max(1, config.io_attempts) + 1):
         try:
-            return _annotate(uri, predict_proba, config, labels, opener)
+            return _annotate(uri, predict_proba, config, labels, opener, reserve)
+        except WindowBudgetSpent as exc:
+            message = (f"{name}: its {exc.args[0]} windows do not fit in what is left of this request's "
+                       f"{budget.limit} (max_windows_per_request); send it in a smaller batch")
+            return file_row(uri, labels, status="retry", error=message, error_code="request_full"), []
         except Exception as exc:
             status, code, message = classify(exc, name)
         if status != "retry" or attempt >= config.io_attempts:
@@ -152,7 +193,8 @@ def classify(exc: BaseException, name: str) -> tuple[str, str, str]:
     return "error", "internal", f"{name}: internal error ({type(exc).__name__}); details are in the log"
 
 
-def _annotate(uri: str, predict_proba: PredictProba, config: AnnotateConfig, labels: list[str], opener=None):
+def _annotate(uri: str, predict_proba: PredictProba, config: AnnotateConfig, labels: list[str], opener,
+              reserve: Callable[[int], None]):
     name = os.path.basename(uri.rstrip("/")) or uri
 
     def check_size(nbytes):
@@ -213,6 +255,7 @@ def _annotate(uri: str, predict_proba: PredictProba, config: AnnotateConfig, lab
             if config.max_windows and windows > config.max_windows:
                 raise AudioError(f"{name}: {info.duration_s:.0f} s at hop_s={config.hop_s:g} would be {windows} windows, "
                                  f"over the limit of {config.max_windows} (max_windows)", "too_long")
+            reserve(windows)
             try:
                 for start, end, wave in iter_windows(f, config.window_s, config.hop_s, sr_out, name=name):
                     n_windows += 1

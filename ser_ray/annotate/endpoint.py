@@ -8,7 +8,8 @@ files itself, so the URIs must be readable there: paths on a filesystem both mac
 Every URI gets one row: a URI the server refuses (outside its roots) gets an ``error`` row
 (``error_code`` ``refused``) and the rest of its batch is sent again; a batch that times out is not
 sent again while the server may still be computing it: its URIs get ``retry`` rows, which the next
-run redoes. Overload answers (429/503) are retried after the server's ``Retry-After``. A fatal error
+run redoes. A file that did not fit in its request's window budget (``request_full``) is sent again
+alone. Overload answers (429/503) are retried after the server's ``Retry-After``. A fatal error
 stops the run at once: queued batches are cancelled and no retry waits are sat out.
 """
 
@@ -82,17 +83,23 @@ def _annotate(input_uri, output_uri, endpoint_url, writer, *, batch_files, concu
     pool = ThreadPoolExecutor(max(1, concurrency))
     with httpx.Client(timeout=timeout_s, headers=headers) as http:
         queue = iter(batches)
-        running = set()
+        again: list[list[str]] = []  # files that did not fit in their request's window budget
+        running: dict = {}
         try:
             while True:
-                while len(running) < concurrency and (batch := next(queue, None)) is not None:
-                    running.add(pool.submit(_post, http, url, batch, retries, stop))
+                while len(running) < concurrency and (batch := (again.pop() if again else next(queue, None))):
+                    running[pool.submit(_post, http, url, batch, retries, stop)] = batch
                 if not running:
                     break
-                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
+                    batch = running.pop(future)
                     answer = future.result()  # raises EndpointError: stop, keep what is committed
                     files, segments = answer["files"], answer["segments"]
+                    if len(batch) > 1:  # sent again alone, where it fits (the server checks that)
+                        full = [f["uri"] for f in files if f.get("error_code") == "request_full"]
+                        again += [[uri] for uri in full]
+                        files = [f for f in files if f.get("error_code") != "request_full"]
                     writer.commit(files, segments)  # in the driver thread only: one writer
                     ok = [f for f in files if f.get("status") == "ok"]
                     summary["n_processed"] += len(files)

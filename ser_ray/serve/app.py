@@ -65,6 +65,8 @@ class ServeConfig:
     allowed_buckets: list[str] = dataclasses.field(default_factory=list)
     max_upload_mb: float = 50.0
     max_uris_per_request: int = 256
+    # windows all files of one /annotate request may make together (bounds the work and the answer)
+    max_windows_per_request: int = 100_000
     # windowing as in AnnotateConfig, so endpoint and offline windows match; window_s None: the bundle's
     window_s: float | None = None
     hop_s: float = 1.5
@@ -358,7 +360,7 @@ class Ingress:
         logits = [np.concatenate([r.result(timeout_s=timeout) for r in responses]) for responses in pending]
         return self.bundle.combine(logits)
 
-    def _annotate(self, path: str, uri: str, config=None, opener=None) -> tuple[dict, list[dict]]:
+    def _annotate(self, path: str, uri: str, config=None, opener=None, budget=None) -> tuple[dict, list[dict]]:
         """``annotate_file`` through the member deployments; rows name ``uri`` (what the client sent).
 
         ``annotate_file`` turns any exception into an error row. A failing member deployment is not a
@@ -378,7 +380,7 @@ class Ingress:
                 raise _MembersUnavailable(type(exc).__name__) from None
 
         file_row, segments = annotate_file(path, predict_proba, config or self.annotate_config,
-                                           opener=opener or self.policy.open)
+                                           opener=opener or self.policy.open, budget=budget)
         if failures:
             logger.error("model deployments failed while annotating %s: %r", uri, failures[0])
             raise _MembersUnavailable(f"model deployments failed ({type(failures[0]).__name__}); retry later")
@@ -423,6 +425,8 @@ class Ingress:
                 "limits": {"max_upload_mb": self.config.max_upload_mb, "max_duration_s": self.config.max_duration_s,
                            "max_upload_duration_s": self.config.max_upload_duration_s,
                            "max_uris_per_request": self.config.max_uris_per_request,
+                           "max_windows_per_file": self.annotate_config.max_windows,
+                           "max_windows_per_request": self.config.max_windows_per_request,
                            "max_queued_requests": self.config.max_queued_requests,
                            "member_timeout_s": self.config.member_timeout_s,
                            "request_timeout_s": self.config.request_timeout_s},
@@ -517,8 +521,11 @@ class Ingress:
             })
         # one request gets at most half the annotation threads, so a big batch cannot starve others
         share = asyncio.Semaphore(max(1, self.config.ingress_threads // 2))
-        results = await asyncio.gather(*[self._in_thread(self._annotate, d.path, d.uri, share=share)
-                                         for d in decisions])
+        from ser_ray.annotate.core import WindowBudget
+
+        budget = WindowBudget(self.config.max_windows_per_request)
+        results = await asyncio.gather(*[self._in_thread(self._annotate, d.path, d.uri, None, None, budget,
+                                                         share=share) for d in decisions])
         return {
             "files": [_clean_row(f) for f, _ in results],
             "segments": [_clean_row(s) for _, segs in results for s in segs],

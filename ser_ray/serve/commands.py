@@ -58,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "serve") 
                         help="end-to-end limit of one HTTP request, upload included (408 after it)")
     limits.add_argument("--max-queued-requests", type=int, default=64,
                         help="requests waiting at the ingress beyond its slots; more get 503 with Retry-After")
+    limits.add_argument("--max-uris-per-request", type=int, default=256,
+                        help="URIs one /annotate request may name (413 beyond it; a repeated URI counts once)")
+    limits.add_argument("--max-windows-per-request", type=int, default=100_000,
+                        help="windows all files of one /annotate request may make together; a file that does "
+                             "not fit gets a retry row (request_full), which the client sends again alone")
     limits.add_argument("--member-timeout-s", type=float, default=120.0,
                         help="limit of one model call (a batch of windows); a member slower than this gives 503")
 
@@ -78,6 +83,8 @@ def config_from_args(args: argparse.Namespace):
         request_timeout_s=args.request_timeout_s,
         max_queued_requests=args.max_queued_requests,
         member_timeout_s=args.member_timeout_s,
+        max_uris_per_request=args.max_uris_per_request,
+        max_windows_per_request=args.max_windows_per_request,
         bundle=args.bundle,
         # resolved here, in the user's working directory, not in the replica's
         allowed_roots=[str(Path(root).expanduser().resolve()) for root in args.allow_root],
