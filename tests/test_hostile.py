@@ -87,6 +87,35 @@ def test_tiny_rates_and_too_many_channels_are_refused_before_any_work(tmp_path):
     assert row["status"] == "ok" and len(segments) == 2
 
 
+def test_a_wide_high_rate_file_is_read_in_bounded_blocks(tmp_path):
+    """A read block was 30 s x rate x channels: a 48 KB FLAC (8 channels at 192 kHz, 31 s of DC)
+    took +344 MB in one read. Blocks now hold at most 16 MiB of decoded samples. Measured on the process."""
+    code = textwrap.dedent("""
+        import json, resource, sys, numpy as np
+        from ser_ray.annotate import AnnotateConfig, annotate_file
+        config = AnnotateConfig(window_s=1.0, hop_s=1.0, vad="none", labels=("a", "b"))
+        uniform = lambda w: np.full((len(w), 2), 0.5)
+        annotate_file(sys.argv[2], uniform, config)  # imports and first-call costs
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        row, _ = annotate_file(sys.argv[1], uniform, config)
+        print(json.dumps({"status": row["status"], "windows": row["n_windows"],
+                          "grew_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+    """)
+    sr, channels = 192_000, 8
+    second = np.full((sr, channels), 0.25, np.float32)
+    for name, seconds in (("wide.flac", 31), ("short.flac", 1)):
+        with sf.SoundFile(tmp_path / name, "w", sr, channels, format="FLAC", subtype="PCM_16") as f:
+            for _ in range(seconds):
+                f.write(second)
+    assert (tmp_path / "wide.flac").stat().st_size < 200_000
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "wide.flac"), str(tmp_path / "short.flac")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["status"] == "ok" and result["windows"] == 31
+    assert result["grew_mb"] < 100, result
+
+
 def test_windows_per_file_are_capped_before_any_work(tmp_path):
     path = _wav(tmp_path / "long.wav", np.zeros(16_000 * 30), 16_000, subtype="PCM_16")
     config = AnnotateConfig(window_s=1.0, hop_s=0.01, vad="none", labels=LABELS, max_windows=1000)
