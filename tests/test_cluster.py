@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -56,8 +57,10 @@ def _alive_nodes(env: dict, address: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
-    """A head (1 CPU, the job server) and a second node (1 CPU, resource ``second_node``)."""
+def two_nodes(s3_server, tmp_path_factory):
+    """A head (1 CPU, the job server) and a second node (1 CPU, resource ``second_node``); both see the
+    loopback S3 server (its endpoint and credentials are in the environment they start with), which
+    stands for the storage of nodes that share no disk."""
     logs = tmp_path_factory.mktemp("cluster-logs")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
@@ -78,6 +81,12 @@ def two_nodes(tmp_path_factory):
         while subprocess.run([RAY, "job", "list"], env=client_env, capture_output=True, timeout=60).returncode:
             assert head.poll() is None and time.time() < deadline, (logs / "head.log").read_text()[-3000:]
             time.sleep(2)
+
+        def second_node() -> subprocess.Popen:
+            """The running second node, started when there is none (a test may have killed it)."""
+            if len(nodes) > 1 and nodes[-1].poll() is None:
+                return nodes[-1]
+            return add_node()
 
         def add_node() -> subprocess.Popen:
             # disjoint worker ports from the head's: both nodes live on one machine
@@ -100,7 +109,8 @@ def two_nodes(tmp_path_factory):
                 time.sleep(2)
             return node
 
-        yield {"env": client_env, "address": address, "add_node": add_node, "logs": logs}
+        yield {"env": client_env, "address": address, "second_node": second_node, "logs": logs,
+               "dashboard": f"http://127.0.0.1:{dash}"}
     finally:
         for node in reversed(nodes):
             _stop(node)
@@ -119,6 +129,73 @@ def _bundle(path: Path) -> str:
     return str(path)
 
 
+def _submit(env: dict, submission_id: str, *command: str, timeout: float = 420) -> str:
+    """``ray job submit`` (waits for the end); the job's logs, asserting it SUCCEEDED."""
+    done = subprocess.run([RAY, "job", "submit", "--working-dir", str(REPO), "--submission-id", submission_id,
+                           "--", "python", *command], env=env, capture_output=True, text=True, timeout=timeout)
+    status = subprocess.run([RAY, "job", "status", submission_id], env=env, capture_output=True, text=True,
+                            timeout=60)
+    logs = done.stdout + done.stderr
+    assert done.returncode == 0 and "SUCCEEDED" in (status.stdout + status.stderr).upper(), logs[-5000:]
+    return logs
+
+
+def _task_nodes(env: dict, submission_id: str, name_part: str) -> dict[str, int]:
+    """``{node_id: tasks}`` of the finished tasks of a job whose name contains ``name_part`` (state API)."""
+    code = textwrap.dedent(f"""
+        import collections, json, os
+        from ray.job_submission import JobSubmissionClient
+        from ray.util.state import list_tasks
+        address = os.environ["RAY_API_SERVER_ADDRESS"]
+        job = JobSubmissionClient(address).get_job_info({submission_id!r}).job_id
+        tasks = list_tasks(address=address, filters=[("job_id", "=", job)], limit=10_000, raise_on_missing_output=False)
+        print(json.dumps(collections.Counter(t.node_id for t in tasks if {name_part!r} in t.name
+                                             and t.state == "FINISHED")))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(600)
+def test_prepare_job_runs_blocks_on_both_nodes_and_matches_one_process(two_nodes, s3_bucket, tmp_path):
+    """jobs/prepare.py from and into S3 on two nodes: feature blocks run on both, and every cached row
+    equals what the one extractor gives in this process for the same clip."""
+    from ser_ray.corpora.synthetic import generate
+    from ser_ray.features.config import FeatureConfig
+    from ser_ray.features.pipeline import extract_batch, features_array, load_cache_pandas
+    from ser_ray.corpora.manifest import read_manifest
+
+    bucket, client = s3_bucket
+    corpus = tmp_path / "synthetic"
+    generate(corpus, actors=6, seed=1, sentences=["TIE", "IOM"], emotions=["neutral", "anger", "happiness", "sadness"],
+             workers=1, progress=False)
+    for path in corpus.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"corpus/{path.relative_to(corpus)}")
+    two_nodes["second_node"]()
+    env = two_nodes["env"]
+    logs = _submit(env, "prepare-two-nodes", "jobs/prepare.py", "--corpus", "synthetic", "--root",
+                   f"s3://{bucket}/corpus", "--out", f"s3://{bucket}/cache")
+    assert "48 clips: 48 ok, 0 errors" in logs, logs[-3000:]
+    nodes = _task_nodes(env, "prepare-two-nodes", "extract_batch")
+    assert len(nodes) == 2 and sum(nodes.values()) == 4, nodes  # 4 blocks (2 per CPU), on both nodes
+
+    manifest = read_manifest(f"s3://{bucket}/cache/manifest.parquet")
+    cache = load_cache_pandas(_only_cache(client, bucket)).set_index("path")
+    assert len(cache) == 48 and cache["error"].isna().all()
+    alone = extract_batch(manifest, FeatureConfig()).to_pandas().set_index("path")
+    paths = list(manifest["path"])
+    assert np.allclose(features_array(cache.loc[paths]), features_array(alone.loc[paths]), atol=1e-5)
+
+
+def _only_cache(client, bucket: str) -> str:
+    keys = {obj["Key"].split("/")[1] for obj in client.list_objects_v2(Bucket=bucket, Prefix="cache/")["Contents"]
+            if obj["Key"].count("/") >= 2}
+    assert len(keys) == 1, keys
+    return f"s3://{bucket}/cache/{keys.pop()}"
+
+
 @pytest.mark.timeout(600)
 def test_annotate_job_loses_a_node_and_still_writes_one_row_per_file(two_nodes, tmp_path):
     """`ray job submit` of jobs/annotate.py with an actor on each node; the second node is killed
@@ -132,7 +209,7 @@ def test_annotate_job_loses_a_node_and_still_writes_one_row_per_file(two_nodes, 
         sf.write(archive / f"rec{i:02d}.wav", (0.1 * rng.standard_normal(16_000 * 60)).astype(np.float32), 16_000)
     (archive / "notes.txt").write_text("not audio")
     bundle, out = _bundle(tmp_path / "bundle"), tmp_path / "labels"
-    node = two_nodes["add_node"]()
+    node = two_nodes["second_node"]()
     env = two_nodes["env"]
     job = subprocess.run(
         [RAY, "job", "submit", "--no-wait", "--working-dir", str(REPO), "--submission-id", "annotate-node-loss", "--",

@@ -195,6 +195,9 @@ def prepare(
     bounds = np.linspace(0, len(manifest), num_blocks + 1).astype(int)
     # One DataFrame per block (from_pandas's override_num_blocks breaks on DataFrames in 2.60).
     ds = ray.data.from_pandas([manifest.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+    # Ray Data bundles blocks until a task has batch_size rows: a batch larger than a block would put
+    # several blocks in one task and leave CPUs (and nodes) idle on a small corpus
+    batch_size = max(1, min(batch_size, math.ceil(len(manifest) / num_blocks)))
     common = dict(batch_size=batch_size, batch_format="pandas", num_cpus=num_cpus_per_task)
     if strategy == "actors":
         # Autoscaling pool: leaves a CPU free for the write tasks when the cluster is small.
