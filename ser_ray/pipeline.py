@@ -98,7 +98,7 @@ def _modified(uri: str) -> float:
 
 
 # settings that place trials but do not change what a search finds
-PLACEMENT_KEYS = ("max_concurrent_trials", "resources", "gpu", "storage_path")
+PLACEMENT_KEYS = ("max_concurrent_trials", "resources", "gpu", "storage_path", "trial_retries")
 
 
 def config_changes(saved: dict | None, search) -> list[str]:

@@ -157,22 +157,34 @@ def _task_nodes(env: dict, submission_id: str, name_part: str) -> dict[str, int]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.timeout(600)
-def test_prepare_job_runs_blocks_on_both_nodes_and_matches_one_process(two_nodes, s3_bucket, tmp_path):
-    """jobs/prepare.py from and into S3 on two nodes: feature blocks run on both, and every cached row
-    equals what the one extractor gives in this process for the same clip."""
-    from ser_ray.corpora.synthetic import generate
-    from ser_ray.features.config import FeatureConfig
-    from ser_ray.features.pipeline import extract_batch, features_array, load_cache_pandas
-    from ser_ray.corpora.manifest import read_manifest
+@pytest.fixture(scope="module")
+def s3_corpus(s3_server, tmp_path_factory):
+    """A 48-clip synthetic corpus (6 actors) in a bucket of the loopback S3 server: ``(bucket, client)``."""
+    import boto3
 
-    bucket, client = s3_bucket
-    corpus = tmp_path / "synthetic"
+    from ser_ray.corpora.synthetic import generate
+
+    client = boto3.client("s3")
+    bucket = f"cluster-{free_port()}"
+    client.create_bucket(Bucket=bucket)
+    corpus = tmp_path_factory.mktemp("synthetic")
     generate(corpus, actors=6, seed=1, sentences=["TIE", "IOM"], emotions=["neutral", "anger", "happiness", "sadness"],
              workers=1, progress=False)
     for path in corpus.rglob("*"):
         if path.is_file():
             client.upload_file(str(path), bucket, f"corpus/{path.relative_to(corpus)}")
+    return bucket, client
+
+
+@pytest.mark.timeout(600)
+def test_prepare_job_runs_blocks_on_both_nodes_and_matches_one_process(two_nodes, s3_corpus):
+    """jobs/prepare.py from and into S3 on two nodes: feature blocks run on both, and every cached row
+    equals what the one extractor gives in this process for the same clip."""
+    from ser_ray.features.config import FeatureConfig
+    from ser_ray.features.pipeline import extract_batch, features_array, load_cache_pandas
+    from ser_ray.corpora.manifest import read_manifest
+
+    bucket, client = s3_corpus
     two_nodes["second_node"]()
     env = two_nodes["env"]
     logs = _submit(env, "prepare-two-nodes", "jobs/prepare.py", "--corpus", "synthetic", "--root",
@@ -194,6 +206,82 @@ def _only_cache(client, bucket: str) -> str:
             if obj["Key"].count("/") >= 2}
     assert len(keys) == 1, keys
     return f"s3://{bucket}/cache/{keys.pop()}"
+
+
+@pytest.mark.timeout(600)
+def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(two_nodes, s3_corpus, tmp_path):
+    """jobs/tune.py with two cnn trials at once (one CPU each: the two nodes are full), data and
+    experiment on S3. Once checkpoints exist, the second node is killed. The trial it held is started
+    again on the head and resumes from its last checkpoint; the search finishes with both trials ok
+    and every epoch run, and no epoch reported twice in the kept history."""
+    import yaml
+
+    bucket, client = s3_corpus
+    epochs = 8
+    config = {
+        "name": "node-loss",
+        "data": {"corpus": "synthetic", "root": f"s3://{bucket}/corpus", "protocol": "kfold", "k": 3,
+                 "test_fold": 0, "val_fraction": 0.25, "features": {"n_mels": 32, "window_s": 1.5}},
+        "families": ["cnn"], "num_samples": 2, "max_epochs": epochs, "grace_period": epochs,
+        "max_concurrent_trials": 2, "seed": 0, "tpe_startup_trials": 2, "evaluate_test": False,
+        "resources": {"cnn": {"cpu": 0.75}}, "train": {"patience": 0, "batch_size": 8},
+        "space": {"cnn": {"hparams": {"width": {"choice": [8]}}}},
+    }
+    config_path = REPO / ".cluster-tune.yaml"  # inside the working dir the job is given
+    config_path.write_text(yaml.safe_dump(config))
+    node = two_nodes["second_node"]()
+    env = two_nodes["env"]
+    try:
+        job = subprocess.run([RAY, "job", "submit", "--no-wait", "--working-dir", str(REPO), "--submission-id",
+                              "tune-node-loss", "--", "python", "jobs/tune.py", "--config", config_path.name,
+                              "--out", f"s3://{bucket}/tune"], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        config_path.unlink()
+    assert job.returncode == 0, job.stdout + job.stderr
+
+    def checkpoints() -> set[str]:
+        listed = client.list_objects_v2(Bucket=bucket, Prefix="tune/node-loss/train/")
+        return {obj["Key"].split("/")[3] + "/" + obj["Key"].split("/")[4] for obj in listed.get("Contents", [])
+                if "/checkpoint_" in obj["Key"]}
+
+    def logs() -> str:
+        return subprocess.run([RAY, "job", "logs", "tune-node-loss"], env=env, capture_output=True, text=True,
+                              timeout=60).stdout
+
+    deadline, checked = time.time() + 300, 0.0
+    while len({c.split("/")[0] for c in checkpoints()}) < 2:  # both trials have saved an epoch
+        if time.time() - checked > 10:
+            status = subprocess.run([RAY, "job", "status", "tune-node-loss"], env=env, capture_output=True,
+                                    text=True, timeout=60)
+            assert "FAILED" not in (status.stdout + status.stderr).upper(), logs()[-5000:]
+            checked = time.time()
+        listed = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="tune/").get("Contents", [])]
+        assert time.time() < deadline, f"no two trials checkpointed within 300 s: {listed[-20:]}\n{logs()[-5000:]}"
+        time.sleep(0.5)
+    saved = checkpoints()
+    _stop(node, signal.SIGKILL)
+    killed_at = time.time()
+    while True:
+        status = subprocess.run([RAY, "job", "status", "tune-node-loss"], env=env, capture_output=True, text=True,
+                                timeout=60)
+        text = (status.stdout + status.stderr).upper()
+        if "SUCCEEDED" in text or "FAILED" in text or "STOPPED" in text:
+            break
+        assert time.time() - killed_at < 400, "the search did not finish after the node was lost"
+        time.sleep(2)
+    logs = logs()
+    assert "SUCCEEDED" in text, logs[-5000:]
+    from ser_ray import storage
+
+    table = storage.read_parquet(f"s3://{bucket}/tune/node-loss/trials.parquet")
+    assert len(table) == 2 and (table["status"] == "ok").all(), table
+    assert (table["epochs_run"] == epochs).all(), table[["trial_id", "epochs_run"]]
+    for history in table["history"]:  # every epoch once, in order, the resumed ones included
+        assert [point["epochs_done"] for point in json.loads(history)] == list(range(1, epochs + 1))
+    assert table["restarts"].max() >= 1, table  # a trial went on from its checkpoint, not from epoch 0
+    failed = [line for line in logs.splitlines() if "Trial task failed" in line]
+    print(json.dumps({"checkpoints_before_kill": sorted(saved), "trial_failures": failed,
+                      "epochs_run": table["epochs_run"].tolist(), "restarts": table["restarts"].tolist()}))
 
 
 @pytest.mark.timeout(600)

@@ -31,14 +31,15 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 def quadratic(config):
     """One report: the closer x is to 0.3, the better."""
     x = config["toy"]["x"]
-    tune.report({"val_ua": -((x - 0.3) ** 2), "x": x})
+    tune.report({"val_ua": -((x - 0.3) ** 2), "x": x, "epochs_done": 1})
 
 
 def learning_curve(config):
     """Per-epoch reports of a curve whose ceiling is the config's quality: ASHA can rank early."""
     quality = config["toy"]["quality"]
     for epoch in range(1, 7):
-        tune.report({"val_ua": quality * (1 - 0.5**epoch), "val_wa": quality, "val_macro_f1": quality})
+        tune.report({"val_ua": quality * (1 - 0.5**epoch), "val_wa": quality, "val_macro_f1": quality,
+                     "epochs_done": epoch})
         time.sleep(0.05)
 
 
@@ -136,7 +137,7 @@ RESUME_SCRIPT = textwrap.dedent("""
         # from the third trial on, run long enough that the test's Ctrl-C lands while it runs
         # (a 1 s trial could finish, and the fourth start, before Tune handles the signal)
         time.sleep(1.0 if len(marker.read_text().split()) <= 2 else 60.0)
-        tune.report({"val_ua": config["toy"]["x"]})
+        tune.report({"val_ua": config["toy"]["x"], "epochs_done": 1})
 
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     cfg = SearchConfig(name="resume", storage_path=sys.argv[1], families=["cnn"], num_samples=4,
@@ -150,7 +151,7 @@ def slow(config):
     """The resumed side of RESUME_SCRIPT's ``slow`` (Tune checks the trainable's name on restore)."""
     with Path(config["toy"]["marker"]).open("a") as f:
         f.write(tune.get_context().get_trial_id() + "\n")
-    tune.report({"val_ua": config["toy"]["x"]})
+    tune.report({"val_ua": config["toy"]["x"], "epochs_done": 1})
 
 
 def test_resume_runs_only_the_remaining_trials(ray_session, tmp_path):

@@ -159,6 +159,9 @@ def train_loop_per_worker(config: dict) -> None:
         state["epoch"] = epoch + 1
         metrics = {
             "epoch": epoch,
+            # epochs finished, counted across restarts (Tune's training_iteration restarts at 1 when a
+            # lost trial is started again): ASHA and the results table count this
+            "epochs_done": epoch + 1,
             "train_loss": train_loss,
             "train_acc": train_acc,
             "train_n": train_n,  # clips seen this epoch over all workers: the shards cover the set once
@@ -343,7 +346,10 @@ def make_dataset(df: pd.DataFrame, labels: list[str], *, shuffle_seed: int | Non
         "features": ArrowTensorArray.from_numpy(features_array(df)),
         "label": pa.array(df["emotion"].map(index).to_numpy(np.int64)),
     })
-    return ray.data.from_arrow(table)
+    # from_blocks computes the block's metadata here; from_arrow / from_pandas ask a 1-CPU task for it,
+    # which inside a Tune trial (its own fraction of a CPU reserved) waited for ever once no node had
+    # a whole CPU free (two trials on two 1-CPU nodes)
+    return ray.data.from_blocks([table])
 
 
 def usable_rows(df: pd.DataFrame, what: str) -> pd.DataFrame:

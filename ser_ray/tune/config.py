@@ -19,6 +19,9 @@ DEFAULT_RESOURCES: dict[str, dict] = {
 }
 
 DRIVER_CPU = 0.25  # the trial's own process (builds datasets, waits on the TorchTrainer)
+# the metric every trial reports with its epoch count (1-based, continued across restarts); ASHA's
+# time attribute and the results table's epochs
+EPOCHS = "epochs_done"
 
 
 
@@ -44,6 +47,9 @@ class SearchConfig:
     space: dict = dataclasses.field(default_factory=dict)  # family -> space overrides (see space.py)
     start_from_defaults: bool = True  # each family's first trial is its default config (a baseline)
     evaluate_test: bool = True  # test metrics of the best trial per family (selection stays on val)
+    # a trial whose process dies (its node lost) is started again up to this many times; its
+    # TorchTrainer (same storage and name) resumes from the last checkpoint
+    trial_retries: int = 2
 
     def __post_init__(self):
         if isinstance(self.data, dict):

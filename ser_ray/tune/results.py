@@ -13,7 +13,7 @@ import pandas as pd
 
 from ser_ray import storage
 from ser_ray.tune import space as spaces
-from ser_ray.tune.config import SearchConfig
+from ser_ray.tune.config import EPOCHS, SearchConfig
 from ser_ray.tune.data import SearchData
 
 
@@ -57,9 +57,12 @@ def results_table(grid, cfg: SearchConfig) -> pd.DataFrame:
         }
         row.update({f"param/{k}": v for k, v in spaces.flatten(config.get(family, {})).items()})
         if history is not None and len(history) and cfg.metric in history:
-            history = history.dropna(subset=[cfg.metric])
-            best = history.loc[history[cfg.metric].idxmax()]
-            epochs = int(history["training_iteration"].max())
+            # a trial started again after a lost node resumes from its checkpoint: keep each epoch once
+            history = history.dropna(subset=[cfg.metric]).drop_duplicates(EPOCHS, keep="last")
+            # the last of equal best epochs: Train keeps the later of equally scored checkpoints
+            # (num_to_keep), so the first may be deleted already
+            best = history.loc[history[cfg.metric][::-1].idxmax()]
+            epochs = int(history[EPOCHS].max())
             last_flag = history.iloc[-1].get("early_stop")  # the loop's own (patience) early stopping
             patience_stop = isinstance(last_flag, (bool, np.bool_)) and bool(last_flag)
             done = epochs >= cfg.max_epochs or is_classical(family)  # a classical fit is one step
@@ -67,8 +70,10 @@ def results_table(grid, cfg: SearchConfig) -> pd.DataFrame:
                 best_val_ua=float(best.get("val_ua", math.nan)),
                 best_val_wa=float(best.get("val_wa", math.nan)),
                 best_val_macro_f1=float(best.get("val_macro_f1", math.nan)),
-                best_epoch=int(best["training_iteration"]),
+                best_epoch=int(best[EPOCHS]),
                 epochs_run=epochs,
+                # times its training resumed from a checkpoint (a lost worker or node)
+                restarts=int(history["restarts"].max()) if "restarts" in history else 0,
                 stopped_early=not done and result.error is None,
                 stop_reason=("error" if result.error is not None else "completed" if done
                              else "patience" if patience_stop else "asha"),
@@ -76,7 +81,7 @@ def results_table(grid, cfg: SearchConfig) -> pd.DataFrame:
                 started=float(history["timestamp"].min() - history["time_this_iter_s"].iloc[0])
                 if "timestamp" in history and "time_this_iter_s" in history else math.nan,
                 checkpoint_path=_checkpoint_uri(best.get("checkpoint_path"), cfg),
-                history=json.dumps([_clean(r) for r in history[["training_iteration", "timestamp", cfg.metric]]
+                history=json.dumps([_clean(r) for r in history[[EPOCHS, "timestamp", cfg.metric]]
                                     .to_dict("records")]),
             )
         else:

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from ser_ray.tune import space as spaces
-from ser_ray.tune.config import SearchConfig, storage_root
+from ser_ray.tune.config import EPOCHS, SearchConfig, storage_root
 from ser_ray.tune.data import load_search_data
 from ser_ray.tune.results import mark_default_trials, results_table, write_best, write_table
 from ser_ray.tune.trial import make_trainable
@@ -109,7 +109,7 @@ def build_tuner(
     # max_t one past the last epoch: a trial that runs all its epochs ends on its own (its TorchTrainer
     # shuts down cleanly) instead of being STOPped by ASHA at its final report, which raced Train's
     # resource cleanup and left the next trials waiting for CPUs in a measured `ray job` run.
-    scheduler = ASHAScheduler(time_attr="training_iteration", metric=cfg.metric, mode="max",
+    scheduler = ASHAScheduler(time_attr=EPOCHS, metric=cfg.metric, mode="max",
                               max_t=cfg.max_epochs + 1, grace_period=min(cfg.grace_period, cfg.max_epochs),
                               reduction_factor=cfg.reduction_factor)
     if resources is not None:
@@ -121,7 +121,7 @@ def build_tuner(
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.num_samples,
                                     max_concurrent_trials=cfg.max_concurrent_trials),
         run_config=tune.RunConfig(name=cfg.name, storage_path=storage_root(cfg.storage_path),
-                                  failure_config=tune.FailureConfig(max_failures=0), verbose=verbose,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.trial_retries), verbose=verbose,
                                   callbacks=[] if verbose else [trial_lines(cfg)]),
     )
 
@@ -142,7 +142,7 @@ def trial_lines(cfg: SearchConfig):
 
         def _line(self, trial, outcome: str) -> None:
             self.done += 1
-            epochs = (trial.last_result or {}).get("training_iteration", 0)
+            epochs = (trial.last_result or {}).get(EPOCHS, 0)
             best = self.best.get(trial.trial_id)
             family = trial.config.get("family", cfg.families[0])
             score = f"best {cfg.metric} {best:.3f}" if best is not None else f"no {cfg.metric}"
@@ -152,7 +152,7 @@ def trial_lines(cfg: SearchConfig):
         def on_trial_complete(self, iteration, trials, trial, **info):
             from ser_ray.models.classical import is_classical
 
-            epochs = (trial.last_result or {}).get("training_iteration", 0)
+            epochs = (trial.last_result or {}).get(EPOCHS, 0)
             family = trial.config.get("family", cfg.families[0])
             early = epochs < cfg.max_epochs and not is_classical(family)
             self._line(trial, "stopped early by ASHA" if early else "done")
