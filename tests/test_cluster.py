@@ -44,9 +44,10 @@ def _stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
         except ProcessLookupError:
             return
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=10)  # the node's own shutdown; past that, nothing of it is needed
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
 
 def _alive_nodes(env: dict, address: str) -> int:
@@ -217,7 +218,7 @@ def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(two_nodes
     import yaml
 
     bucket, client = s3_corpus
-    epochs = 8
+    epochs = 6
     config = {
         "name": "node-loss",
         "data": {"corpus": "synthetic", "root": f"s3://{bucket}/corpus", "protocol": "kfold", "k": 3,
@@ -249,15 +250,16 @@ def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(two_nodes
                               timeout=60).stdout
 
     deadline, checked = time.time() + 300, 0.0
-    while len({c.split("/")[0] for c in checkpoints()}) < 2:  # both trials have saved an epoch
+    # both trials have a checkpoint that Train has registered (its snapshot names it): what a restarted
+    # run resumes from
+    while len({c.split("/")[0] for c in checkpoints() if c.endswith("checkpoint_manager_snapshot.json")}) < 2:
         if time.time() - checked > 10:
             status = subprocess.run([RAY, "job", "status", "tune-node-loss"], env=env, capture_output=True,
                                     text=True, timeout=60)
             assert "FAILED" not in (status.stdout + status.stderr).upper(), logs()[-5000:]
             checked = time.time()
-        listed = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="tune/").get("Contents", [])]
-        assert time.time() < deadline, f"no two trials checkpointed within 300 s: {listed[-20:]}\n{logs()[-5000:]}"
-        time.sleep(0.5)
+        assert time.time() < deadline, f"no two trials checkpointed within 300 s:\n{logs()[-5000:]}"
+        time.sleep(0.2)
     saved = checkpoints()
     _stop(node, signal.SIGKILL)
     killed_at = time.time()
@@ -276,10 +278,14 @@ def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(two_nodes
     table = storage.read_parquet(f"s3://{bucket}/tune/node-loss/trials.parquet")
     assert len(table) == 2 and (table["status"] == "ok").all(), table
     assert (table["epochs_run"] == epochs).all(), table[["trial_id", "epochs_run"]]
-    for history in table["history"]:  # every epoch once, in order, the resumed ones included
-        assert [point["epochs_done"] for point in json.loads(history)] == list(range(1, epochs + 1))
-    assert table["restarts"].max() >= 1, table  # a trial went on from its checkpoint, not from epoch 0
+    for history in table["history"]:  # each epoch at most once, in order, up to the last
+        # (an epoch checkpointed but not yet reported to Tune when the node died is missing here;
+        # training went on after it, not from the start)
+        done = [point["epochs_done"] for point in json.loads(history)]
+        assert done == sorted(set(done)) and done[-1] == epochs, done
     failed = [line for line in logs.splitlines() if "Trial task failed" in line]
+    # a trial went on from its checkpoint, not from epoch 0
+    assert table["restarts"].max() >= 1, (table[["trial_id", "epochs_run", "restarts"]], sorted(saved), logs[-6000:])
     print(json.dumps({"checkpoints_before_kill": sorted(saved), "trial_failures": failed,
                       "epochs_run": table["epochs_run"].tolist(), "restarts": table["restarts"].tolist()}))
 
