@@ -25,7 +25,7 @@ import soundfile as sf
 from ser_ray import storage
 from ser_ray.annotate.vad import METHODS, is_speech
 from ser_ray.annotate.windows import Opener, audio_info, file_size, iter_windows, open_audio, open_source
-from ser_ray.audio.decode import AudioError
+from ser_ray.audio.decode import AudioError, soundfile_cause
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +267,8 @@ def _annotate(uri: str, predict_proba: PredictProba, config: AnnotateConfig, lab
                     if len(pending) >= config.batch_size:
                         flush()
             except sf.SoundFileError as exc:  # corrupt data after a valid header
-                cause = getattr(exc, "error_string", None) or type(exc).__name__
-                raise AudioError(f"{name}: could not decode audio (soundfile: {cause})", "decode_failed") from None
+                raise AudioError(f"{name}: could not decode audio (soundfile: {soundfile_cause(exc)})",
+                                 "decode_failed") from None
             if pending:
                 flush()
     if held:

@@ -20,7 +20,7 @@ import numpy as np
 import soundfile as sf
 
 from ser_ray import storage
-from ser_ray.audio.decode import AudioError, check_sample_rate, check_samples, fix_length, resample
+from ser_ray.audio.decode import AudioError, check_sample_rate, check_samples, fix_length, resample, soundfile_cause
 
 _COPY_CHUNK = 8 * 1024 * 1024
 MAX_CHANNELS = 16
@@ -96,9 +96,7 @@ def open_audio(source: BinaryIO, name: str) -> sf.SoundFile:
     try:
         f = sf.SoundFile(source)
     except Exception as exc:  # soundfile raises several types for bad input
-        # libsndfile's cause alone: str(exc) names the Python file object
-        cause = getattr(exc, "error_string", None) or type(exc).__name__
-        raise AudioError(f"{name}: not a readable audio file (soundfile: {cause})") from None
+        raise AudioError(f"{name}: not a readable audio file (soundfile: {soundfile_cause(exc)})") from None
     try:
         if f.frames == 0:
             raise AudioError(f"{name}: audio has no samples", "no_samples")

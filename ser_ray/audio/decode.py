@@ -28,6 +28,12 @@ MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4_000, 384_000  # Hz: telephone speech to stu
 MAX_ABS_SAMPLE = 64.0  # float audio is nominally within ±1; a little headroom, nothing absurd
 
 
+def soundfile_cause(exc: BaseException) -> str:
+    """libsndfile's own reason for a failed open or read; ``str(exc)`` would name the Python file or
+    buffer object (an internal detail that does not belong in a row or an HTTP answer)."""
+    return getattr(exc, "error_string", None) or type(exc).__name__
+
+
 def decode_audio(data: bytes, name: str = "<bytes>") -> tuple[np.ndarray, int]:
     """Decode WAV/FLAC/OGG (and MP3 where libsndfile can) to float32 ``[channels, samples]``."""
     if not data:
@@ -35,9 +41,7 @@ def decode_audio(data: bytes, name: str = "<bytes>") -> tuple[np.ndarray, int]:
     try:
         audio, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises several types for bad input
-        # LibsndfileError's str() names the BytesIO object; its error_string is the cause alone.
-        cause = getattr(exc, "error_string", None) or str(exc)
-        raise AudioError(f"{name}: not a readable audio file (soundfile: {cause})") from None
+        raise AudioError(f"{name}: not a readable audio file (soundfile: {soundfile_cause(exc)})") from None
     if audio.shape[0] == 0:
         raise AudioError(f"{name}: audio has no samples", "no_samples")
     check_sample_rate(sample_rate, name)

@@ -234,9 +234,9 @@ def _not_audio(data: bytes, name: str) -> str | None:
     try:
         info = sf.info(io.BytesIO(data))
     except Exception as exc:
-        # libsndfile's message alone: str(exc) names the in-memory buffer object (an internal detail)
-        cause = getattr(exc, "error_string", None) or type(exc).__name__
-        return f"{name}: not a readable audio file (soundfile: {cause}); upload WAV, FLAC or OGG audio"
+        from ser_ray.audio.decode import soundfile_cause
+
+        return f"{name}: not a readable audio file (soundfile: {soundfile_cause(exc)}); upload WAV, FLAC or OGG audio"
     if info.frames == 0:
         return f"{name}: audio has no samples"
     from ser_ray.audio.decode import AudioError, check_sample_rate
