@@ -141,6 +141,18 @@ def _submit(env: dict, submission_id: str, *command: str, timeout: float = 420) 
     return logs
 
 
+def _wait_for_end(env: dict, submission_id: str, since: float, message: str, limit_s: float = 400) -> str:
+    """The job's final status line (upper case) once it SUCCEEDED, FAILED or STOPPED, within ``limit_s``."""
+    while True:
+        status = subprocess.run([RAY, "job", "status", submission_id], env=env, capture_output=True, text=True,
+                                timeout=60)
+        text = (status.stdout + status.stderr).upper()
+        if "SUCCEEDED" in text or "FAILED" in text or "STOPPED" in text:
+            return text
+        assert time.time() - since < limit_s, message
+        time.sleep(2)
+
+
 def _task_nodes(env: dict, submission_id: str, name_part: str) -> dict[str, int]:
     """``{node_id: tasks}`` of the finished tasks of a job whose name contains ``name_part`` (state API)."""
     code = textwrap.dedent(f"""
@@ -267,14 +279,7 @@ def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(two_nodes
         saved = checkpoints()
         _stop(node, signal.SIGKILL)
         killed_at = time.time()
-        while True:
-            status = subprocess.run([RAY, "job", "status", "tune-node-loss"], env=env, capture_output=True, text=True,
-                                    timeout=60)
-            text = (status.stdout + status.stderr).upper()
-            if "SUCCEEDED" in text or "FAILED" in text or "STOPPED" in text:
-                break
-            assert time.time() - killed_at < 400, "the search did not finish after the node was lost"
-            time.sleep(2)
+        text = _wait_for_end(env, "tune-node-loss", killed_at, "the search did not finish after the node was lost")
     finally:  # a search still running must not hold the cluster for the next test
         subprocess.run([RAY, "job", "stop", "tune-node-loss"], env=env, capture_output=True, timeout=120)
     logs = logs()
@@ -335,14 +340,7 @@ def test_annotate_job_loses_a_node_and_still_writes_one_row_per_file(two_nodes, 
     assert before < n_files + 1, "the job finished before the node was killed"
     killed_at = time.time()
 
-    while True:
-        status = subprocess.run([RAY, "job", "status", "annotate-node-loss"], env=env, capture_output=True,
-                                text=True, timeout=60)
-        text = (status.stdout + status.stderr).upper()
-        if "SUCCEEDED" in text or "FAILED" in text or "STOPPED" in text:
-            break
-        assert time.time() - killed_at < 400, "the job did not finish after the node was lost"
-        time.sleep(2)
+    text = _wait_for_end(env, "annotate-node-loss", killed_at, "the job did not finish after the node was lost")
     logs = subprocess.run([RAY, "job", "logs", "annotate-node-loss"], env=env, capture_output=True, text=True,
                           timeout=60).stdout
     assert "SUCCEEDED" in text, logs[-4000:]

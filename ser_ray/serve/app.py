@@ -229,18 +229,16 @@ def _not_audio(data: bytes, name: str) -> str | None:
     """A message when ``data`` is not audio that soundfile (our decoder) can read, else None."""
     import soundfile as sf
 
+    from ser_ray.audio.decode import AudioError, check_sample_rate, soundfile_cause
+
     if not data:
         return f"{name}: empty upload (0 bytes)"
     try:
         info = sf.info(io.BytesIO(data))
     except Exception as exc:
-        from ser_ray.audio.decode import soundfile_cause
-
         return f"{name}: not a readable audio file (soundfile: {soundfile_cause(exc)}); upload WAV, FLAC or OGG audio"
     if info.frames == 0:
         return f"{name}: audio has no samples"
-    from ser_ray.audio.decode import AudioError, check_sample_rate
-
     try:
         check_sample_rate(info.samplerate, name)
     except AudioError as exc:

@@ -23,7 +23,7 @@ import pandas as pd
 
 from ser_ray import storage
 from ser_ray.features.config import FeatureConfig
-from ser_ray.train.config import TrainConfig, config_to_plain
+from ser_ray.train.config import EPOCHS, TrainConfig, config_to_plain
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def fit_classical(
                             rows["speaker"].astype(str).to_numpy())
     seconds = time.perf_counter() - start
     oof = info.pop("oof_probs", None)
-    metrics = {"epoch": 1, "epochs_done": 1, "epoch_s": round(seconds, 3), "inner_folds": info["inner_folds"], **info["chosen"],
+    metrics = {"epoch": 1, EPOCHS: 1, "epoch_s": round(seconds, 3), "inner_folds": info["inner_folds"], **info["chosen"],
                "inner_ua": info.get("inner_ua", float("nan"))}
     if pool_validation:  # out-of-fold scores over every training speaker: the "validation" of this fit
         metrics.update(val_ua=info.get("inner_ua", float("nan")), val_loss=info.get("inner_nll", float("nan")))

@@ -19,6 +19,10 @@ SCHEDULERS = ("plateau", "cosine")
 # speaker-disjoint protocols of ser_ray.splits; the leaky "random" split only through `ser-ray splits`
 PROTOCOLS = tuple(p for p in SPLIT_PROTOCOLS if p != "random")
 NORMALISE_BY = ("none", "speaker")  # feature normalisation of a training/evaluation run
+# the metric every run reports with its epoch count (1-based, continued across restarts: Tune's
+# training_iteration starts again at 1 when a lost trial is started again); ASHA and the search's
+# results table count it
+EPOCHS = "epochs_done"
 
 
 @dataclasses.dataclass

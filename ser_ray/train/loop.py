@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ser_ray.features.config import FeatureConfig
-from ser_ray.train.config import TrainConfig, config_to_plain
+from ser_ray.train.config import EPOCHS, TrainConfig, config_to_plain
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,7 @@ def train_loop_per_worker(config: dict) -> None:
         state["epoch"] = epoch + 1
         metrics = {
             "epoch": epoch,
-            # epochs finished, counted across restarts (Tune's training_iteration restarts at 1 when a
-            # lost trial is started again): ASHA and the results table count this
-            "epochs_done": epoch + 1,
+            EPOCHS: epoch + 1,
             "train_loss": train_loss,
             "train_acc": train_acc,
             "train_n": train_n,  # clips seen this epoch over all workers: the shards cover the set once

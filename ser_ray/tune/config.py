@@ -19,9 +19,6 @@ DEFAULT_RESOURCES: dict[str, dict] = {
 }
 
 DRIVER_CPU = 0.25  # the trial's own process (builds datasets, waits on the TorchTrainer)
-# the metric every trial reports with its epoch count (1-based, continued across restarts); ASHA's
-# time attribute and the results table's epochs
-EPOCHS = "epochs_done"
 
 
 
@@ -67,6 +64,8 @@ class SearchConfig:
         for name in ("num_samples", "max_epochs", "grace_period", "max_concurrent_trials"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if int(self.trial_retries) < 0:
+            raise ValueError(f"trial_retries must be 0 or more, got {self.trial_retries}")
         unknown = sorted(set(self.space) - set(spaces.DEFAULT_SPACES))
         if unknown:
             raise ValueError(f"space: unknown family {unknown}; known: {sorted(spaces.DEFAULT_SPACES)}")

@@ -13,7 +13,8 @@ import pandas as pd
 
 from ser_ray import storage
 from ser_ray.tune import space as spaces
-from ser_ray.tune.config import EPOCHS, SearchConfig
+from ser_ray.train.config import EPOCHS
+from ser_ray.tune.config import SearchConfig
 from ser_ray.tune.data import SearchData
 
 

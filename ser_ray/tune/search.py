@@ -38,7 +38,8 @@ from typing import Any, Callable
 import pandas as pd
 
 from ser_ray.tune import space as spaces
-from ser_ray.tune.config import EPOCHS, SearchConfig, storage_root
+from ser_ray.train.config import EPOCHS
+from ser_ray.tune.config import SearchConfig, storage_root
 from ser_ray.tune.data import load_search_data
 from ser_ray.tune.results import mark_default_trials, results_table, write_best, write_table
 from ser_ray.tune.trial import make_trainable
