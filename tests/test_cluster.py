@@ -348,7 +348,9 @@ def test_annotate_job_loses_a_node_and_still_writes_one_row_per_file(two_nodes, 
     assert len(files) == n_files + 1 and files["uri"].is_unique, files[["uri", "status"]]
     assert (files["status"] == "ok").sum() == n_files, files[["uri", "status", "error"]]
     assert not segments.duplicated(["uri", "start_s", "end_s"]).any()
-    assert "lost workers" in logs  # the pool was rebuilt on the head and the rest done there
+    # how the lost files were redone is not asserted: the pool is rebuilt after a lost-worker error
+    # ("lost workers" in the log), or Ray Data restarts the lost actor on the head by itself (seen in
+    # 2 of 4 full-suite runs this session); either way the rows below must be whole
     # the same windows and probabilities as one process labelling those files alone
     from ser_ray.annotate.core import AnnotateConfig, annotate_file
     from ser_ray.ensemble.bundle import load_bundle
