@@ -111,7 +111,7 @@ def two_nodes(s3_server, tmp_path_factory):
             return node
 
         yield {"env": client_env, "address": address, "second_node": second_node, "logs": logs,
-               "dashboard": f"http://127.0.0.1:{dash}"}
+               "dashboard": f"http://127.0.0.1:{dash}", "temp_dirs": temp_dirs}
     finally:
         for node in reversed(nodes):
             _stop(node)
@@ -364,3 +364,194 @@ def test_annotate_job_loses_a_node_and_still_writes_one_row_per_file(two_nodes, 
         assert np.allclose([s["confidence"] for s in alone], ours["confidence"], atol=1e-5)
     print(json.dumps({"committed_before_kill": before, "rows": len(files), "segments": len(segments),
                       "resumed": [line for line in logs.splitlines() if "lost workers" in line][:1]}))
+
+
+def _serve_replicas(env: dict, app: str) -> dict:
+    """The head's node id and, per deployment of the Serve app ``app``: its status, target replica count
+    and the node ids of its RUNNING replicas (Serve's details and the state API, through the dashboard)."""
+    code = textwrap.dedent(f"""
+        import json, os
+        from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+        from ray.util.state import list_nodes
+        address = os.environ["RAY_API_SERVER_ADDRESS"]
+        head = [n.node_id for n in list_nodes(address=address) if n.is_head_node and n.state == "ALIVE"]
+        app = (ServeSubmissionClient(address).get_serve_details().get("applications") or {{}}).get({app!r}) or {{}}
+        print(json.dumps({{"head": head[0] if head else None, "deployments": {{
+            name: {{"status": d["status"], "target": d["target_num_replicas"],
+                    "running": sorted(r["node_id"] for r in d["replicas"] if r["state"] == "RUNNING")}}
+            for name, d in (app.get("deployments") or {{}}).items()}}}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _member_calls(temp_dir: str) -> int:
+    """Model calls the member replicas of one node have answered, from their Serve logs there (Serve
+    leaves replica methods out of the state API's task events)."""
+    logs = Path(temp_dir, "session_latest", "logs", "serve").glob("replica_*_member-*.log")
+    return sum(path.read_text(errors="replace").count("CALL logits OK") for path in logs)
+
+
+def _noise(path: Path, seconds: float, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    sf.write(path, (0.1 * rng.standard_normal(int(16_000 * seconds))).astype(np.float32), 16_000)
+    return path
+
+
+@pytest.mark.timeout(420)
+def test_serve_replicas_on_both_nodes_answer_like_offline_and_survive_losing_one(two_nodes, tmp_path, caplog):
+    """`ser-ray serve --address` on the cluster with 2 ingress and 2 member replicas (0.25 CPU each, so
+    all four fit on the head alone) and the HTTP proxy on the head: each deployment has a replica on each
+    node, and /predict answers as the same bundle does offline. Then, while the project's endpoint client
+    (bounded retries, honouring Retry-After) annotates an archive one file per request, the second node's
+    whole process group is SIGKILLed: every file still gets its ok row, Serve brings both deployments
+    back to 2 RUNNING replicas, all on the head, and /predict still answers as offline."""
+    import logging
+    import threading
+
+    import httpx
+
+    from ser_ray.annotate.core import AnnotateConfig, annotate_file
+    from ser_ray.annotate.endpoint import annotate_via_endpoint
+    from ser_ray.ensemble.bundle import load_bundle
+
+    env, address = two_nodes["env"], two_nodes["address"]
+    node = two_nodes["second_node"]()
+    bundle = _bundle(tmp_path / "bundle")
+    model = load_bundle(bundle)
+    clip = _noise(tmp_path / "clip.wav", 12.0, seed=100)  # 24 windows: two member calls, sent at once
+    offline_row, offline_segments = annotate_file(str(clip), model.predict_proba,
+                                                  AnnotateConfig(window_s=model.window_s, hop_s=0.5))
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    n_files = 100  # 20 s each: 40 windows, 3 member calls per request (sent at once: both members busy)
+    for i in range(n_files):
+        _noise(archive / f"rec{i:02d}.wav", 20.0, seed=i)
+
+    key, port = "cluster-serve-key-0123456789", free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = two_nodes["logs"] / "serve.log"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ser_ray.cli", "serve", "--address", address, "--bundle", bundle,
+         "--port", str(port), "--allow-root", str(archive), "--hop-s", "0.5",
+         "--num-replicas", "2", "--num-cpus", "0.25", "--ingress-replicas", "2", "--ingress-num-cpus", "0.25",
+         "--proxy-location", "HeadOnly", "--member-timeout-s", "10", "--request-timeout-s", "60"],
+        cwd=REPO, env={**env, "SER_RAY_API_KEY": key}, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    http = httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {key}"})
+
+    def predicted() -> dict:
+        r = http.post("/predict", files={"file": ("clip.wav", clip.read_bytes(), "audio/wav")})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def assert_like_offline(body: dict) -> None:
+        assert body["label"] == offline_row["label"]
+        for label in LABELS:
+            assert body["probabilities"][label] == pytest.approx(offline_row[f"prob_{label}"], abs=1e-4)
+        assert [(s["start_s"], s["label"]) for s in body["segments"]] == \
+            [(s["start_s"], s["label"]) for s in offline_segments]
+        for mine, theirs in zip(body["segments"], offline_segments):
+            for label in LABELS:
+                assert mine["probabilities"][label] == pytest.approx(theirs[f"prob_{label}"], abs=1e-4)
+
+    def placed() -> tuple[str, dict]:
+        state = _serve_replicas(env, "ser-ray")
+        return state["head"], {name: d["running"] for name, d in state["deployments"].items()
+                               if d["status"] == "HEALTHY" and len(d["running"]) == d["target"]}
+
+    started = time.time()
+    try:
+        deadline = time.time() + 180
+        while True:  # every replica RUNNING and the endpoint answering its health probe
+            assert server.poll() is None, log_path.read_text()[-5000:]
+            assert time.time() < deadline, f"Serve did not come up within 180 s:\n{log_path.read_text()[-5000:]}"
+            head, running = placed()
+            try:
+                healthy = httpx.get(url + "/healthz", timeout=10).status_code == 200
+            except httpx.TransportError:
+                healthy = False
+            if healthy and set(running) == {"ingress", "member-cnn"}:
+                break
+            time.sleep(2)
+        up_s = time.time() - started
+        for name, nodes in running.items():  # one replica on each node
+            assert len(nodes) == 2 and head in nodes and len(set(nodes)) == 2, (name, nodes, head)
+        # answers equal offline, and the second node's member computed part of them (Serve routes each
+        # model call to the less busy member replica)
+        second_dir, answers = two_nodes["temp_dirs"][-1], 0
+        before_calls = _member_calls(second_dir)
+        while answers < 4 or _member_calls(second_dir) == before_calls:
+            assert answers < 20, f"20 answers, none computed on the second node: {placed()}"
+            assert_like_offline(predicted())
+            answers += 1
+        remote_calls = _member_calls(second_dir) - before_calls
+
+        caplog.set_level(logging.WARNING, logger="ser_ray.annotate.endpoint")
+        out = tmp_path / "labels"
+        result: dict = {}
+
+        def client():
+            try:
+                result["summary"] = annotate_via_endpoint(str(archive), str(out), url, batch_files=1,
+                                                          concurrency=4, progress=False, retries=5,
+                                                          timeout_s=90, api_key=key)
+            except BaseException as exc:  # re-raised in the test thread
+                result["error"] = exc
+
+        loop = threading.Thread(target=client, daemon=True)
+        loop.start()
+
+        def committed() -> int:
+            return len(list((out / "files").glob("part-*.parquet"))) if (out / "files").exists() else 0
+
+        deadline = time.time() + 120
+        while committed() < 8 and loop.is_alive():
+            assert time.time() < deadline, "the client committed no 8 files within 120 s"
+            time.sleep(0.05)
+        before = committed()
+        _stop(node, signal.SIGKILL)  # the second node (raylet, workers, its replicas) dies under load
+        killed_at = time.time()
+        assert before < n_files, "the client finished before the node was killed"
+
+        deadline = killed_at + 120
+        while True:  # both deployments back at 2 RUNNING replicas, all on the head
+            assert time.time() < deadline, f"replicas not back on the head within 120 s: {placed()}"
+            head, running = placed()
+            if set(running) == {"ingress", "member-cnn"} and all(set(n) == {head} for n in running.values()):
+                break
+            time.sleep(1)
+        back_s = time.time() - killed_at
+        sending_when_back = loop.is_alive()
+        loop.join(timeout=max(1.0, killed_at + 150 - time.time()))
+        assert not loop.is_alive(), "the client did not finish within 150 s of the kill"
+        assert "error" not in result, repr(result.get("error"))  # no request gave up
+        files, segments = ResultWriter(str(out)).read_tables()
+        assert len(files) == n_files and files["uri"].is_unique
+        assert (files["status"] == "ok").all(), files.loc[files["status"] != "ok", ["uri", "status", "error"]]
+        assert result["summary"]["n_ok"] == n_files
+        assert not segments.duplicated(["uri", "start_s", "end_s"]).any()
+        retries = [r.getMessage() for r in caplog.records if r.name == "ser_ray.annotate.endpoint"
+                   and "retry" in r.getMessage()]
+        assert server.poll() is None, log_path.read_text()[-5000:]  # the driver lives on the head
+        for _ in range(4):
+            assert_like_offline(predicted())
+        print(json.dumps({"serve_up_s": round(up_s, 1), "predict_answers": answers,
+                          "second_node_member_calls": remote_calls, "committed_before_kill": before,
+                          "files": n_files, "posts": n_files + len(retries), "retries": len(retries),
+                          "retry_reasons": retries[:6], "replicas_back_s": round(back_s, 1),
+                          "client_s": round(result["summary"]["wall_s"], 1),
+                          "client_sending_when_back": sending_when_back}))
+    finally:
+        http.close()
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)  # ser-ray serve shuts Serve down on SIGTERM
+            try:
+                server.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                _stop(server, signal.SIGKILL)
+        if server.returncode != 0:  # its own shutdown did not run: shut Serve down from here
+            code = (f"import ray; from ray import serve; ray.init(address={address!r}, log_to_driver=False); "
+                    "serve.shutdown()")
+            subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)

@@ -2,7 +2,9 @@
 
 ``ser-ray serve --bundle PATH [--port 8000] [--host 127.0.0.1] [--allow-root DIR ...]
 [--allow-bucket NAME ...] [--address ADDR]``: starts (or joins, with ``--address``) Ray, starts Serve
-on ``host:port`` and serves ``ser_ray.serve.app.build_app`` until Ctrl-C. Clients need the API key
+on ``host:port`` and serves ``ser_ray.serve.app.build_app`` until Ctrl-C. On a cluster, replicas of
+the ingress and of each member spread over the nodes (``--ingress-replicas``, ``--num-replicas``), and
+``--proxy-location HeadOnly`` keeps the HTTP proxy on the head. Clients need the API key
 (``ser_ray.auth``; created in ``~/.config/ser-ray/api-key`` on first use when none is set).
 
 The same app deploys from ``serve_config.yaml`` with ``serve run serve_config.yaml`` or
@@ -41,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "serve") 
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per member replica")
     parser.add_argument("--num-gpus", type=float, default=0.0,
                         help="GPUs per member replica (fractions share a GPU, e.g. 0.5)")
+    parser.add_argument("--ingress-replicas", type=int, default=1,
+                        help="replicas of the HTTP ingress (2 or more on a cluster: with one, losing its node "
+                             "stops every request until Serve starts it again)")
+    parser.add_argument("--ingress-num-cpus", type=float, default=0.5, help="CPUs per ingress replica")
+    parser.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"], default="EveryNode",
+                        help="where Serve runs its HTTP proxy on a cluster: every node with a replica (default; "
+                             "put a load balancer in front) or the head only (one address for clients)")
     parser.add_argument("--hop-s", type=float, default=1.5, help="hop between windows in seconds")
     parser.add_argument("--vad", choices=["energy", "none"], default="energy")
     parser.add_argument("--route-prefix", default="/")
@@ -97,6 +106,8 @@ def config_from_args(args: argparse.Namespace):
         num_replicas=args.num_replicas,
         num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
+        ingress_replicas=args.ingress_replicas,
+        ingress_num_cpus=args.ingress_num_cpus,
         hop_s=args.hop_s,
         vad=args.vad,
         route_prefix=args.route_prefix,
@@ -145,8 +156,8 @@ def run(args: argparse.Namespace) -> int:
 
     connect(args.address, dashboard=False)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port,
-                                  "request_timeout_s": config.request_timeout_s})
+        serve.start(proxy_location=args.proxy_location,
+                    http_options={"host": args.host, "port": args.port, "request_timeout_s": config.request_timeout_s})
         serve.run(build_app(config), name="ser-ray", route_prefix=config.route_prefix, blocking=False)
         check_listening(args.host, args.port)
         log.info("serving %s on http://%s:%d%s (Ctrl-C stops); clients send 'Authorization: Bearer <key>' %s",
