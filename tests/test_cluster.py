@@ -436,7 +436,7 @@ def test_serve_replicas_on_both_nodes_answer_like_offline_and_survive_losing_one
         [sys.executable, "-m", "ser_ray.cli", "serve", "--address", address, "--bundle", bundle,
          "--port", str(port), "--allow-root", str(archive), "--hop-s", "0.5",
          "--num-replicas", "2", "--num-cpus", "0.25", "--ingress-replicas", "2", "--ingress-num-cpus", "0.25",
-         "--proxy-location", "HeadOnly", "--member-timeout-s", "10", "--request-timeout-s", "60"],
+         "--members", "deployments", "--proxy-location", "HeadOnly", "--member-timeout-s", "10", "--request-timeout-s", "60"],
         cwd=REPO, env={**env, "SER_RAY_API_KEY": key}, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
         start_new_session=True)
     http = httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {key}"})

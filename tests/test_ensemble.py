@@ -182,3 +182,28 @@ def test_ensemble_command_from_model_dirs(tmp_path):
     leaky = pd.DataFrame(rows).assign(speaker="synthetic:1001")
     leaky_path = write_manifest(leaky, str(tmp_path / "leaky.parquet"))
     assert main(["ensemble", "--from", str(tmp_path / "exp"), "--out", str(tmp_path / "b2"), "--manifest", leaky_path]) == 2
+
+
+def test_traced_members_give_the_same_logits(tmp_path):
+    """optimise_for_inference keeps a frozen TorchScript trace only where it equals the model: every
+    member's logits after it equal the eager ones (1e-4) at several batch sizes, and each member says
+    which backend it runs."""
+    from ser_ray.ensemble import Bundle, Member, load_bundle, save_bundle
+    from ser_ray.models import build_model
+
+    torch.manual_seed(0)
+    fc = FeatureConfig(kind="logmel", window_s=1.0, n_mels=32, n_fft=512, hop_length=256)
+    members = [Member("cnn", build_model("cnn", 4, fc, width=8).eval(), fc, name="cnn"),
+               Member("bigru_attn", build_model("bigru_attn", 4, fc, hidden=16, attn_dim=16).eval(), fc, name="gru")]
+    uri = save_bundle(Bundle(["a", "b", "c", "d"], members, window_s=1.0), str(tmp_path / "b"))
+    eager, traced = load_bundle(uri), load_bundle(uri)
+    backends = traced.optimise_for_inference()
+    assert set(backends) == {"cnn", "gru"} and set(backends.values()) <= {"torchscript", "eager"}
+    assert {m.name: m.backend for m in traced.members} == backends
+    rng = np.random.default_rng(1)
+    for n in (1, 3, 8, 11):
+        waves = (0.1 * rng.standard_normal((n, 16_000))).astype(np.float32)
+        for i in range(2):
+            np.testing.assert_allclose(traced.member_logits(i, waves), eager.member_logits(i, waves), atol=1e-4)
+    traced.to("cpu")  # moving a bundle drops its traces (a trace is tied to its device)
+    assert {m.backend for m in traced.members} == {"eager"}

@@ -365,6 +365,34 @@ def test_endpoint_matches_offline_annotation(served):
                 assert mine[f"prob_{label}"] == pytest.approx(theirs[f"prob_{label}"], abs=1e-4)
 
 
+def test_members_in_deployments_answer_like_members_in_the_ingress(served):
+    """The two member placements run the same features, member forward passes and combine: a second app
+    with one deployment per member (eager modules) gives the rows of the first (members in the ingress,
+    TorchScript where faster), to 1e-4."""
+    import dataclasses
+
+    from ray import serve
+
+    from ser_ray.serve.app import build_app
+
+    config = dataclasses.replace(served.config, members="deployments", backend="eager", num_cpus=0.05,
+                                 ingress_num_cpus=0.05, route_prefix="/dep")
+    serve.run(build_app(config), name="ser-ray-deployments", route_prefix="/dep")
+    try:
+        uris = [str(served.root / "a.wav"), str(served.root / "sub" / "b.flac")]
+        ours = served.http.post("/annotate", json={"uris": uris}).json()
+        theirs = served.http.post("/dep/annotate", json={"uris": uris}).json()
+        assert len(ours["segments"]) == len(theirs["segments"]) > 0
+        for mine, other in zip(ours["files"] + ours["segments"], theirs["files"] + theirs["segments"]):
+            assert (mine["uri"], mine["label"], mine.get("start_s")) == (other["uri"], other["label"], other.get("start_s"))
+            for label in LABELS:
+                assert mine[f"prob_{label}"] == pytest.approx(other[f"prob_{label}"], abs=1e-4)
+        health = served.http.get("/dep/healthz").json()
+        assert health["member_status"] == {"cnn": "ok", "bigru": "ok", "logreg": "ok"}
+    finally:
+        serve.delete("ser-ray-deployments")
+
+
 def test_annotate_via_endpoint_writes_tables_and_resumes(served):
     from ser_ray.annotate.writer import ResultWriter
     from ser_ray.annotate.endpoint import annotate_via_endpoint
@@ -604,10 +632,12 @@ def test_one_request_makes_a_bounded_number_of_windows(served):
     assert len(segments) == 4 * 6 and not segments.duplicated(["uri", "start_s"]).any()
 
 
-def test_a_member_slower_than_its_timeout_gives_503_not_a_hang(served):
+@pytest.mark.parametrize("members", ["ingress", "deployments"])
+def test_a_member_slower_than_its_timeout_gives_503_not_a_hang(served, members):
     """Member calls had no time limit and /healthz said ok without asking the members. A second app on
-    the same Serve instance, whose member limit (1 ms) no model call can meet: /healthz, /annotate and
-    /predict answer 503 with Retry-After within seconds, and the first app is unaffected."""
+    the same Serve instance, whose member limit (1 µs) no model call can meet, with the members in the
+    ingress or in deployments of their own: /healthz, /annotate and /predict answer 503 with
+    Retry-After within seconds, and the first app is unaffected."""
     from ray import serve
 
     from ser_ray.ensemble.bundle import Bundle, Member, load_bundle, save_bundle
@@ -618,7 +648,7 @@ def test_a_member_slower_than_its_timeout_gives_503_not_a_hang(served):
                              sample_rate=16_000, window_s=1.0), str(served.tmp / "one-member"))
     config = ServeConfig(bundle=one, allowed_roots=[str(served.root)], hop_s=0.5,
                          num_cpus=0.05, ingress_num_cpus=0.05, ingress_threads=2, api_key_sha256=digest(API_KEY),
-                         member_timeout_s=0.001, retry_after_s=2, route_prefix="/slow")
+                         member_timeout_s=1e-6, retry_after_s=2, route_prefix="/slow", members=members)
     serve.run(build_app(config), name="ser-ray-slow", route_prefix="/slow")
     try:
         start = time.perf_counter()

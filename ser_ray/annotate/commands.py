@@ -29,6 +29,8 @@ def add_arguments(parser, command_name: str = "annotate") -> None:
     parser.add_argument("--batch-files", type=int, default=16, help="files per committed output part")
     parser.add_argument("--num-actors", type=int, default=None, help="annotation actors (default: one per CPU)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--backend", choices=["auto", "eager"], default=AnnotateConfig.backend,
+                        help="auto: members run as frozen TorchScript traces where equal and faster; eager: as saved")
     parser.add_argument("--format", choices=FORMATS, default=FORMATS[0])
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--max-attempts", type=int, default=2,
@@ -47,7 +49,7 @@ def add_arguments(parser, command_name: str = "annotate") -> None:
 def run(args) -> int:
     config = AnnotateConfig(
         window_s=args.window_s, hop_s=args.hop_s, vad=args.vad, vad_threshold_db=args.vad_threshold_db,
-        normalise_by=args.normalise_by, max_duration_s=args.max_duration_s,
+        normalise_by=args.normalise_by, max_duration_s=args.max_duration_s, backend=args.backend,
     )
     if args.endpoint:
         from ser_ray.annotate.endpoint import annotate_via_endpoint

@@ -1,14 +1,32 @@
 """The Ray Serve application: one deployment per ensemble member, and a FastAPI ingress.
 
 ```
+members: ingress (default)
+HTTP ──► Ingress (FastAPI, × ingress_replicas)
+          /predict, /annotate: annotate_file(uri, predict_proba, cfg)
+          predict_proba: @serve.batch over the windows of the replica's concurrent requests
+                         Bundle.features -> Bundle.member_forward (every member) -> Bundle.combine
+
+members: deployments
 HTTP ──► Ingress (FastAPI)                         MemberModel "member-<name>"  (× members)
           /predict, /annotate                        @serve.batch over windows
-          annotate_file(uri, predict_proba, cfg) ──► Bundle.member_logits(i, windows)
-          predict_proba = Bundle.combine(member logits, fetched concurrently)
+          annotate_file(uri, predict_proba, cfg)
+          predict_proba: Bundle.features(windows) ──► Bundle.member_forward(i, features)
+                         Bundle.combine(member logits, fetched concurrently)
 ```
 
-The ingress runs the same ``annotate_file`` as offline annotation and combines member logits with the
-same ``Bundle.combine``, so an endpoint answer equals the offline answer for the same file.
+Where the members run is a choice (``members``). Inside each ingress replica (``ingress``) a request
+costs no calls between actors: on 2 CPUs the two member calls of a request cost more CPU than the
+models themselves (``benchmarks/serve_latency.py``), so this is the default; replicas of the ingress
+scale it out, each a process of its own. One deployment per member (``deployments``) places members
+on their own GPUs or nodes and scales them separately, at the price of those calls.
+
+The ingress runs the same ``annotate_file`` as offline annotation, extracts each distinct feature
+config once (members that share one, like cnn and bigru_attn, get the same array) and combines member
+logits with the same ``Bundle.combine``, so an endpoint answer equals the offline answer for the same
+file. Members receive features, not waveforms: a 3 s log-mel window is 48 KB, which Ray passes inline
+with the call, where a 192 KB waveform went through the object store and every member extracted the
+same features again.
 
 Every route but ``/healthz`` needs the API key (``ser_ray.auth``), and every route checks the
 ``Host`` header against ``allowed_hosts`` (a web page cannot reach a loopback endpoint by DNS
@@ -36,6 +54,7 @@ import logging
 import math
 import os
 import re
+import time
 import types
 import typing
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +73,7 @@ from ser_ray.serve.access import AccessPolicy
 logger = logging.getLogger("ray.serve")
 
 MB = 1024 * 1024
+MEMBER_PLACEMENTS = ("ingress", "deployments")
 
 
 @dataclasses.dataclass
@@ -71,12 +91,17 @@ class ServeConfig:
     window_s: float | None = None
     hop_s: float = 1.5
     vad: str = "energy"
-    # member deployments
+    # where the members run: "ingress" (inside each ingress replica) or "deployments" (one per member)
+    members: str = "ingress"
+    # auto: members run as frozen TorchScript traces where equal and faster; eager: as saved
+    backend: str = "auto"
+    # member deployments (members: deployments); max_batch_size and batch_wait_timeout_s batch windows
+    # in either placement
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
     num_replicas: int = 1
     num_cpus: float = 1.0
-    num_gpus: float = 0.0  # fractional values share one GPU between members
+    num_gpus: float = 0.0  # per member replica, or per ingress replica with members: ingress; fractions share a GPU
     # ingress deployment
     ingress_replicas: int = 1
     ingress_num_cpus: float = 0.5
@@ -116,7 +141,15 @@ class ServeConfig:
 
         window_s = self.window_s if self.window_s is not None else bundle.window_s
         return AnnotateConfig(window_s=window_s, hop_s=self.hop_s, vad=self.vad, labels=tuple(bundle.labels),
-                              max_duration_s=self.max_duration_s)
+                              max_duration_s=self.max_duration_s, backend=self.backend)
+
+    def __post_init__(self):
+        from ser_ray.ensemble.bundle import INFERENCE_BACKENDS
+
+        if self.members not in MEMBER_PLACEMENTS:
+            raise ValueError(f"serve option members={self.members!r}: choose one of {', '.join(MEMBER_PLACEMENTS)}")
+        if self.backend not in INFERENCE_BACKENDS:
+            raise ValueError(f"serve option backend={self.backend!r}: choose one of {', '.join(INFERENCE_BACKENDS)}")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -150,14 +183,14 @@ def _coerce(value, hint, name):
 
 @serve.deployment
 class MemberModel:
-    """One ensemble member: windows ``[n, samples]`` -> logits ``[n, labels]``, batched over requests.
+    """One ensemble member: its input features ``[n, C, F]`` -> logits ``[n, labels]``, batched over requests.
 
     A request carries up to ``max_batch_size`` windows; ``@serve.batch`` counts windows (not
     requests) so one forward pass sees at most ``max_batch_size`` windows from any number of requests.
     """
 
     def __init__(self, bundle_uri: str, index: int, max_batch_size: int, batch_wait_timeout_s: float,
-                 device: str = "cpu"):
+                 device: str = "cpu", backend: str = "auto"):
         import torch
 
         from ser_ray.ensemble.bundle import load_bundle
@@ -166,6 +199,8 @@ class MemberModel:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.bundle = load_bundle(bundle_uri, device=device)
         self.index = index
+        if backend == "auto":
+            self.bundle.optimise_for_inference()
         self.name = self.bundle.members[index].name
         self.logits.set_max_batch_size(max_batch_size)
         self.logits.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -175,9 +210,9 @@ class MemberModel:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=lambda items: sum(len(x) for x in items))
     async def logits(self, chunks: list[np.ndarray]) -> list[np.ndarray]:
         sizes = [len(c) for c in chunks]
-        waves = np.concatenate(chunks).astype(np.float32, copy=False)
+        features = np.concatenate(chunks).astype(np.float32, copy=False)
         # off the event loop, so requests keep queueing (and batching) while the model runs
-        out = await asyncio.to_thread(self.bundle.member_logits, self.index, waves)
+        out = await asyncio.to_thread(self.bundle.member_forward, self.index, features)
         return np.split(np.asarray(out), np.cumsum(sizes)[:-1])
 
 
@@ -333,11 +368,24 @@ class Ingress:
             raise ValueError("the endpoint needs an API key (build it with build_app)")
         _set_access(_Access(self.config))
         self.policy = AccessPolicy(self.config.allowed_roots, self.config.allowed_buckets)
-        self.bundle = load_bundle(self.config.bundle, device="cpu")  # for labels and combine()
+        self.local = self.config.members == "ingress"
+        if self.local:  # the members run here: torch follows the replica's CPUs (Ray sets OMP_NUM_THREADS)
+            import torch
+
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+            self._local_logits.set_max_batch_size(self.config.max_batch_size)
+            self._local_logits.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        device = "cuda" if self.local and self.config.num_gpus > 0 else "cpu"
+        self.bundle = load_bundle(self.config.bundle, device=device)  # labels, combine() and local members
+        if self.local and self.config.backend == "auto":
+            self.bundle.optimise_for_inference()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the replica's loop, where batches form
         self.annotate_config = self.config.annotate_config(self.bundle)
         self.labels = list(self.bundle.labels)
         self.members = members
         self.pool = ThreadPoolExecutor(self.config.ingress_threads, thread_name_prefix="annotate")
+        # probes of local members do not queue behind annotations: a busy replica is not an unhealthy one
+        self.probe_pool = ThreadPoolExecutor(len(self.bundle.members), thread_name_prefix="probe")
         logger.info("ingress ready: %d members, labels %s, access %s", len(members), self.labels,
                     self.policy.describe())
 
@@ -351,12 +399,37 @@ class Ingress:
         waves = np.ascontiguousarray(waves, dtype=np.float32)
         if len(waves) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        step = self.config.max_batch_size
-        chunks = [waves[s:s + step] for s in range(0, len(waves), step)]
-        pending = [[m.logits.remote(c) for c in chunks] for m in self.members]
         timeout = self.config.member_timeout_s
+        if self.local:
+            step = self.config.max_batch_size
+            calls = [asyncio.run_coroutine_threadsafe(self._local_logits(waves[s:s + step]), self.loop)
+                     for s in range(0, len(waves), step)]
+            parts = [call.result(timeout=timeout) for call in calls]
+            return self.bundle.combine([np.concatenate([p[i] for p in parts]) for i in range(len(self.bundle.members))])
+        pending = [self._send(handle, x) for handle, x in zip(self.members, self._member_features(waves))]
         logits = [np.concatenate([r.result(timeout_s=timeout) for r in responses]) for responses in pending]
         return self.bundle.combine(logits)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=lambda items: sum(len(x) for x in items))
+    async def _local_logits(self, chunks: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """members: ingress. Windows of this replica's concurrent requests -> every member's logits,
+        one forward pass per member for the whole batch (off the event loop)."""
+        sizes = [len(c) for c in chunks]
+        logits = await asyncio.to_thread(self._all_member_logits, np.concatenate(chunks))
+        parts = [np.split(x, np.cumsum(sizes)[:-1]) for x in logits]
+        return [[member[j] for member in parts] for j in range(len(chunks))]
+
+    def _all_member_logits(self, waves: np.ndarray) -> list[np.ndarray]:
+        return [self.bundle.member_forward(i, x) for i, x in enumerate(self._member_features(waves))]
+
+    def _member_features(self, waves: np.ndarray) -> list[np.ndarray]:
+        """Each member's input features for ``waves``: one extraction per distinct feature config."""
+        shared = self.bundle.features(waves)
+        return [shared[m.feature_config] for m in self.bundle.members]
+
+    def _send(self, handle: DeploymentHandle, features: np.ndarray) -> list:
+        step = self.config.max_batch_size
+        return [handle.logits.remote(features[s:s + step]) for s in range(0, len(features), step)]
 
     def _annotate(self, path: str, uri: str, config=None, opener=None, budget=None) -> tuple[dict, list[dict]]:
         """``annotate_file`` through the member deployments; rows name ``uri`` (what the client sent).
@@ -390,6 +463,7 @@ class Ingress:
         return file_row, segments
 
     async def _in_thread(self, fn, *args, share: asyncio.Semaphore | None = None):
+        self.loop = asyncio.get_running_loop()  # predict_proba hands windows back to it for batching
         try:
             if share is None:
                 return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -401,12 +475,21 @@ class Ingress:
     def _probe_members(self) -> dict[str, str]:
         """Each member's answer to one silent window: ``ok`` or the error's type."""
         samples = int(round(self.annotate_config.window_s * self.annotate_config.sample_rate))
-        window = np.zeros((1, samples), dtype=np.float32)
-        calls = {m.name: handle.logits.remote(window) for m, handle in zip(self.bundle.members, self.members)}
+        features = self._member_features(np.zeros((1, samples), dtype=np.float32))
+        timeout = min(10.0, self.config.member_timeout_s)
+        start = time.perf_counter()
+        if self.local:
+            calls = {m.name: self.probe_pool.submit(self.bundle.member_forward, i, x)
+                     for i, (m, x) in enumerate(zip(self.bundle.members, features))}
+        else:
+            calls = {m.name: handle.logits.remote(x) for m, handle, x in zip(self.bundle.members, self.members, features)}
         states = {}
         for name, call in calls.items():
             try:
-                out = np.asarray(call.result(timeout_s=min(10.0, self.config.member_timeout_s)))
+                out = np.asarray(call.result(timeout) if self.local else call.result(timeout_s=timeout))
+                if self.local and time.perf_counter() - start > timeout:  # answered, but too late
+                    states[name] = "TimeoutError"
+                    continue
                 states[name] = "ok" if out.shape == (1, len(self.labels)) and np.isfinite(out).all() else "bad output"
             except Exception as exc:
                 states[name] = type(exc).__name__
@@ -569,7 +652,8 @@ def build_app(config: ServeConfig) -> Application:
     device = "cuda" if config.num_gpus > 0 else "cpu"
     actor = {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus}
     members = []
-    for index, name in enumerate(_member_names(config.bundle)):
+    names = _member_names(config.bundle)
+    for index, name in enumerate(names if config.members == "deployments" else []):
         members.append(
             MemberModel.options(
                 name=_deployment_name(name),
@@ -577,7 +661,7 @@ def build_app(config: ServeConfig) -> Application:
                 ray_actor_options=actor,
                 # a batch only fills when this many requests can wait at a replica (RAY-NOTES)
                 max_ongoing_requests=2 * config.max_batch_size,
-            ).bind(config.bundle, index, config.max_batch_size, config.batch_wait_timeout_s, device)
+            ).bind(config.bundle, index, config.max_batch_size, config.batch_wait_timeout_s, device, config.backend)
         )
     from ray.serve.config import BackpressureConfig
 
@@ -587,6 +671,7 @@ def build_app(config: ServeConfig) -> Application:
         # a fixed mmap threshold: glibc otherwise raises it after each large free, and a big upload's
         # buffers then stay in the heap (RSS) after the request instead of going back to the OS
         ray_actor_options={"num_cpus": config.ingress_num_cpus,
+                           **({"num_gpus": config.num_gpus} if config.members == "ingress" and config.num_gpus else {}),
                            "runtime_env": {"env_vars": {"MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)}}},
         max_ongoing_requests=config.ingress_max_ongoing,
         max_queued_requests=config.max_queued_requests,

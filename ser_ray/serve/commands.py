@@ -39,14 +39,24 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "serve") 
                         help="longest audio a /predict upload may hold")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
-    parser.add_argument("--num-replicas", type=int, default=1, help="replicas per ensemble member")
-    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per member replica")
+    parser.add_argument("--members", choices=["ingress", "deployments"], default="ingress",
+                        help="where the ensemble members run: inside each ingress replica (default: no calls "
+                             "between actors per request, fastest on CPUs; scale with --ingress-replicas) or in "
+                             "one deployment per member (own GPUs, nodes and --num-replicas per member)")
+    parser.add_argument("--backend", choices=["auto", "eager"], default="auto",
+                        help="auto: each member runs as a frozen TorchScript trace where that gives the same "
+                             "logits faster (the default cnn ~2x on CPU); eager: the PyTorch modules as saved")
+    parser.add_argument("--num-replicas", type=int, default=1, help="replicas per member (--members deployments)")
+    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per member replica (--members deployments)")
     parser.add_argument("--num-gpus", type=float, default=0.0,
-                        help="GPUs per member replica (fractions share a GPU, e.g. 0.5)")
+                        help="GPUs per member replica, or per ingress replica with --members ingress "
+                             "(fractions share a GPU, e.g. 0.5)")
     parser.add_argument("--ingress-replicas", type=int, default=1,
-                        help="replicas of the HTTP ingress (2 or more on a cluster: with one, losing its node "
-                             "stops every request until Serve starts it again)")
-    parser.add_argument("--ingress-num-cpus", type=float, default=0.5, help="CPUs per ingress replica")
+                        help="replicas of the HTTP ingress (with --members ingress, each runs the whole ensemble: "
+                             "one per CPU core serves the most; 2 or more on a cluster: with one, losing its "
+                             "node stops every request until Serve starts it again)")
+    parser.add_argument("--ingress-num-cpus", type=float, default=0.5,
+                        help="CPUs per ingress replica (torch threads of its members with --members ingress)")
     parser.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"], default="EveryNode",
                         help="where Serve runs its HTTP proxy on a cluster: every node with a replica (default; "
                              "put a load balancer in front) or the head only (one address for clients)")
@@ -103,6 +113,8 @@ def config_from_args(args: argparse.Namespace):
         max_upload_duration_s=args.max_upload_duration_s,
         max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_timeout_s,
+        members=args.members,
+        backend=args.backend,
         num_replicas=args.num_replicas,
         num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
