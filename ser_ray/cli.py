@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("ser_ray.train.commands", "cross-validate several model families the same way; one table"),
     "tune": ("ser_ray.tune.commands", "hyperparameter search with Ray Tune + Optuna + ASHA"),
     "ensemble": ("ser_ray.ensemble.commands", "fit an ensemble of the best models into a bundle"),
+    "export": ("ser_ray.ensemble.export", "export a bundle's members as ONNX or TorchScript files"),
     "serve": ("ser_ray.serve.commands", "serve a bundle over HTTP with Ray Serve"),
     "annotate": ("ser_ray.annotate.commands", "label an audio archive (offline or via an endpoint)"),
     "report": ("ser_ray.report.commands", "render the HTML report of a result directory"),

@@ -184,10 +184,11 @@ def test_ensemble_command_from_model_dirs(tmp_path):
     assert main(["ensemble", "--from", str(tmp_path / "exp"), "--out", str(tmp_path / "b2"), "--manifest", leaky_path]) == 2
 
 
-def test_traced_members_give_the_same_logits(tmp_path):
-    """optimise_for_inference keeps a frozen TorchScript trace only where it equals the model: every
-    member's logits after it equal the eager ones (1e-4) at several batch sizes, and each member says
-    which backend it runs."""
+@pytest.mark.parametrize("backend", ["auto", "torchscript", "onnx"])
+def test_faster_member_forms_give_the_same_logits(tmp_path, backend):
+    """optimise_for_inference runs a member as an ONNX Runtime session or a TorchScript trace only where
+    its logits equal the module's: every member's logits after it equal the eager ones (1e-4) at batch
+    sizes other than the example's, and each member says which form it runs (forced forms are used)."""
     from ser_ray.ensemble import Bundle, Member, load_bundle, save_bundle
     from ser_ray.models import build_model
 
@@ -196,14 +197,51 @@ def test_traced_members_give_the_same_logits(tmp_path):
     members = [Member("cnn", build_model("cnn", 4, fc, width=8).eval(), fc, name="cnn"),
                Member("bigru_attn", build_model("bigru_attn", 4, fc, hidden=16, attn_dim=16).eval(), fc, name="gru")]
     uri = save_bundle(Bundle(["a", "b", "c", "d"], members, window_s=1.0), str(tmp_path / "b"))
-    eager, traced = load_bundle(uri), load_bundle(uri)
-    backends = traced.optimise_for_inference()
-    assert set(backends) == {"cnn", "gru"} and set(backends.values()) <= {"torchscript", "eager"}
-    assert {m.name: m.backend for m in traced.members} == backends
+    eager, fast = load_bundle(uri), load_bundle(uri)
+    backends = fast.optimise_for_inference(backend)
+    assert set(backends) == {"cnn", "gru"} and {m.name: m.backend for m in fast.members} == backends
+    assert set(backends.values()) <= {"onnx", "torchscript", "eager"}
+    if backend != "auto":
+        assert set(backends.values()) == {backend}
     rng = np.random.default_rng(1)
-    for n in (1, 3, 8, 11):
+    for n in (1, 3, 8, 13):
         waves = (0.1 * rng.standard_normal((n, 16_000))).astype(np.float32)
         for i in range(2):
-            np.testing.assert_allclose(traced.member_logits(i, waves), eager.member_logits(i, waves), atol=1e-4)
-    traced.to("cpu")  # moving a bundle drops its traces (a trace is tied to its device)
-    assert {m.backend for m in traced.members} == {"eager"}
+            np.testing.assert_allclose(fast.member_logits(i, waves), eager.member_logits(i, waves), atol=1e-4)
+    fast.to("cpu")  # moving a bundle drops its converted forms (they are tied to a device)
+    assert {m.backend for m in fast.members} == {"eager"}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_writes_members_that_compute_the_same_logits(tmp_path, fmt):
+    """`ser-ray export` writes each member as ONNX (run here with onnxruntime) or TorchScript (torch.jit.load)
+    and export.json; the exported files give the bundle's member logits (1e-4), and export.json's
+    weights and temperatures recombine them into Bundle.predict_proba."""
+    import onnxruntime as ort
+    from scipy.special import softmax as sp_softmax
+
+    from ser_ray.cli import main
+    from ser_ray.ensemble import Bundle, Member, load_bundle, save_bundle
+    from ser_ray.models import build_model
+
+    torch.manual_seed(0)
+    fc = FeatureConfig(kind="logmel", window_s=1.0, n_mels=32, n_fft=512, hop_length=256)
+    members = [Member("cnn", build_model("cnn", 4, fc, width=8).eval(), fc, weight=3, temperature=2.0, name="cnn"),
+               Member("bigru_attn", build_model("bigru_attn", 4, fc, hidden=16, attn_dim=16).eval(), fc, name="gru")]
+    uri = save_bundle(Bundle(["a", "b", "c", "d"], members, window_s=1.0), str(tmp_path / "b"))
+    assert main(["export", "--bundle", uri, "--out", str(tmp_path / "x"), "--format", fmt]) == 0
+    desc = json.loads((tmp_path / "x" / "export.json").read_text())
+    assert [m["name"] for m in desc["members"]] == ["cnn", "gru"] and desc["labels"] == ["a", "b", "c", "d"]
+    bundle = load_bundle(uri)
+    waves = (0.1 * np.random.default_rng(2).standard_normal((5, 16_000))).astype(np.float32)
+    features = bundle.features(waves)[fc]
+    probs = 0
+    for i, entry in enumerate(desc["members"]):
+        path = str(tmp_path / "x" / entry["file"])
+        if fmt == "onnx":
+            logits = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"features": features})[0]
+        else:
+            logits = torch.jit.load(path)(torch.as_tensor(features)).numpy()
+        np.testing.assert_allclose(logits, bundle.member_logits(i, waves), atol=1e-4)
+        probs = probs + entry["weight"] * sp_softmax(logits / entry["temperature"], axis=1)
+    np.testing.assert_allclose(probs, bundle.predict_proba(waves), atol=1e-4)

@@ -54,8 +54,8 @@ class AnnotateConfig:
     # backoff from retry_backoff_s, before the file gets a status="retry" row
     io_attempts: int = 3
     retry_backoff_s: float = 0.5
-    # auto: each member runs as a frozen TorchScript trace where that gives equal logits faster
-    # (Bundle.optimise_for_inference); eager: the PyTorch modules as saved
+    # auto: each member in its fastest form with equal logits (ONNX Runtime, TorchScript, or as saved;
+    # Bundle.optimise_for_inference); eager, torchscript, onnx: that form (eager where it fails)
     backend: str = "auto"
 
     def __post_init__(self):

@@ -73,8 +73,7 @@ class AnnotateActor:
         torch.set_num_threads(max(1, torch_threads))  # one core per actor: the pool gives parallelism
         self.bundle = load_bundle(bundle_uri, device=device)
         self.config = AnnotateConfig(**config).with_labels(self.bundle.labels)
-        if self.config.backend == "auto":
-            self.bundle.optimise_for_inference()
+        self.bundle.optimise_for_inference(self.config.backend)
         self.attempts = Attempts(journal_uri) if journal_uri else None
         self.max_attempts = max_attempts
 

@@ -33,8 +33,8 @@ SCHEMA_VERSION = 1
 BUNDLE_JSON = "bundle.json"
 # Windows per forward pass inside member_logits: bounds memory for large inputs.
 _CHUNK = 64
-# auto: members run as frozen TorchScript traces where equal and faster (optimise_for_inference)
-INFERENCE_BACKENDS = ("auto", "eager")
+# auto: each member in its fastest equal form (ser_ray.ensemble.runtime; Bundle.optimise_for_inference)
+from ser_ray.ensemble.runtime import BACKENDS as INFERENCE_BACKENDS  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -55,8 +55,8 @@ class Member:
         if not self.name:
             self.name = self.family
         self._extractor: FeatureExtractor | None = None
-        # what inference runs: the model, or its frozen TorchScript trace (Bundle.optimise_for_inference)
-        self.runner: nn.Module = self.model
+        # what inference runs: the model, or an equal faster form of it (Bundle.optimise_for_inference)
+        self.runner = self.model
         self.backend = "eager"
 
     def extractor(self, device) -> FeatureExtractor:
@@ -219,25 +219,14 @@ class Bundle:
             m.runner, m.backend = m.model, "eager"  # a trace is tied to the device it was made on
         return self
 
-    def optimise_for_inference(self, batch_sizes: Sequence[int] = (1, 8)) -> dict[str, str]:
-        """Run each member as a frozen TorchScript trace where that is both equal and faster.
+    def optimise_for_inference(self, backend: str = "auto") -> dict[str, str]:
+        """Run each member in the fastest form equal to it (``ser_ray.ensemble.runtime``): an ONNX Runtime
+        session or a frozen TorchScript trace where their logits equal the module's and they are faster,
+        the module itself otherwise. Returns ``{member: backend}`` (also ``Member.backend``)."""
+        from ser_ray.ensemble.runtime import choose_runner
 
-        ``torch.jit.freeze`` + ``optimize_for_inference`` fold batch norm into the convolutions and
-        pick oneDNN kernels on CPU: the default cnn runs about 2x faster, the bigru not at all. A trace
-        is kept only when its logits equal the model's (1e-4, batch sizes ``batch_sizes`` and one
-        more) and it is at least 10 % faster at every size; otherwise, and for any model that cannot
-        be traced, the member stays eager. Returns ``{member: "torchscript" | "eager"}`` (also
-        ``Member.backend``).
-        """
         for m in self.members:
-            m.runner, m.backend = m.model, "eager"
-            try:
-                traced = _traced(m.model, m.feature_config, self.device, batch_sizes)
-            except Exception as exc:  # tracing is an optimisation: any failure keeps the model as it is
-                log.info("member %s: not traced (%s: %s); runs eager", m.name, type(exc).__name__, exc)
-                continue
-            if traced is not None:
-                m.runner, m.backend = traced, "torchscript"
+            m.runner, m.backend = choose_runner(m.model, m.feature_config, self.device, backend)
         chosen = {m.name: m.backend for m in self.members}
         log.info("inference backends: %s", chosen)
         return chosen
@@ -366,38 +355,6 @@ def load_bundle(uri: str, device: str = "cpu") -> Bundle:
         device=str(device),
         normalise_by=desc.get("normalise_by", "none"),
     )
-
-
-@torch.inference_mode()
-def _traced(model: nn.Module, feature_config: FeatureConfig, device: str, batch_sizes: Sequence[int]):
-    """``model``'s frozen TorchScript trace when it equals the model and is faster, else None."""
-    import time
-    import warnings
-
-    generator = torch.Generator().manual_seed(0)
-    inputs = {n: torch.randn((n, *feature_config.shape), generator=generator).to(device)
-              for n in (*batch_sizes, max(batch_sizes) + 3)}
-    example = inputs[max(batch_sizes)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about Python values: the equality check decides
-        traced = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model.eval(), example)))
-    for x in inputs.values():  # other batch sizes than the example's too: a trace can bake one in
-        want, got = model(x).float(), traced(x).float()
-        if got.shape != want.shape or not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
-            log.info("%s: trace differs from the model; runs eager", type(model).__name__)
-            return None
-
-    def seconds(fn, x, repeats=3):
-        fn(x)  # warm: the first calls of a trace optimise it
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn(x)
-        return time.perf_counter() - start
-
-    for n in batch_sizes:
-        if seconds(traced, inputs[n]) > 0.9 * seconds(model, inputs[n]):
-            return None
-    return traced
 
 
 def _json_default(obj):

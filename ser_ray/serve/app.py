@@ -93,7 +93,7 @@ class ServeConfig:
     vad: str = "energy"
     # where the members run: "ingress" (inside each ingress replica) or "deployments" (one per member)
     members: str = "ingress"
-    # auto: members run as frozen TorchScript traces where equal and faster; eager: as saved
+    # auto: each member in its fastest form with equal logits (ONNX Runtime, TorchScript or as saved)
     backend: str = "auto"
     # member deployments (members: deployments); max_batch_size and batch_wait_timeout_s batch windows
     # in either placement
@@ -199,8 +199,7 @@ class MemberModel:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.bundle = load_bundle(bundle_uri, device=device)
         self.index = index
-        if backend == "auto":
-            self.bundle.optimise_for_inference()
+        self.bundle.optimise_for_inference(backend)
         self.name = self.bundle.members[index].name
         self.logits.set_max_batch_size(max_batch_size)
         self.logits.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -377,8 +376,8 @@ class Ingress:
             self._local_logits.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         device = "cuda" if self.local and self.config.num_gpus > 0 else "cpu"
         self.bundle = load_bundle(self.config.bundle, device=device)  # labels, combine() and local members
-        if self.local and self.config.backend == "auto":
-            self.bundle.optimise_for_inference()
+        if self.local:
+            self.bundle.optimise_for_inference(self.config.backend)
         self.loop: asyncio.AbstractEventLoop | None = None  # the replica's loop, where batches form
         self.annotate_config = self.config.annotate_config(self.bundle)
         self.labels = list(self.bundle.labels)
