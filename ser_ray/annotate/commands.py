@@ -30,8 +30,8 @@ def add_arguments(parser, command_name: str = "annotate") -> None:
     parser.add_argument("--num-actors", type=int, default=None, help="annotation actors (default: one per CPU)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--backend", choices=["auto", "eager", "torchscript", "onnx"], default=AnnotateConfig.backend,
-                        help="auto: each member in its fastest form with the same logits (ONNX Runtime, a "
-                             "TorchScript trace, or as saved); the others force one form (eager where it fails)")
+                        help="auto: each member as an ONNX Runtime session (CPU) or a TorchScript trace where its "
+                             "logits stay the same, else as saved; the others force one form (eager where it fails)")
     parser.add_argument("--format", choices=FORMATS, default=FORMATS[0])
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--max-attempts", type=int, default=2,

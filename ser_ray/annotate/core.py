@@ -54,7 +54,7 @@ class AnnotateConfig:
     # backoff from retry_backoff_s, before the file gets a status="retry" row
     io_attempts: int = 3
     retry_backoff_s: float = 0.5
-    # auto: each member in its fastest form with equal logits (ONNX Runtime, TorchScript, or as saved;
+    # auto: each member as an ONNX Runtime session (CPU) or TorchScript trace where its logits stay equal;
     # Bundle.optimise_for_inference); eager, torchscript, onnx: that form (eager where it fails)
     backend: str = "auto"
 

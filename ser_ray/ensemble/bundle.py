@@ -33,7 +33,7 @@ SCHEMA_VERSION = 1
 BUNDLE_JSON = "bundle.json"
 # Windows per forward pass inside member_logits: bounds memory for large inputs.
 _CHUNK = 64
-# auto: each member in its fastest equal form (ser_ray.ensemble.runtime; Bundle.optimise_for_inference)
+# auto: each member as ONNX Runtime (CPU) or TorchScript where its logits stay equal (ser_ray.ensemble.runtime)
 from ser_ray.ensemble.runtime import BACKENDS as INFERENCE_BACKENDS  # noqa: E402
 
 
@@ -220,9 +220,9 @@ class Bundle:
         return self
 
     def optimise_for_inference(self, backend: str = "auto") -> dict[str, str]:
-        """Run each member in the fastest form equal to it (``ser_ray.ensemble.runtime``): an ONNX Runtime
-        session or a frozen TorchScript trace where their logits equal the module's and they are faster,
-        the module itself otherwise. Returns ``{member: backend}`` (also ``Member.backend``)."""
+        """Run each member in a faster form equal to it (``ser_ray.ensemble.runtime``): an ONNX Runtime
+        session (CPU) or a frozen TorchScript trace where its logits equal the module's, the module itself
+        otherwise. Returns ``{member: backend}`` (also ``Member.backend``)."""
         from ser_ray.ensemble.runtime import choose_runner
 
         for m in self.members:

@@ -93,7 +93,7 @@ class ServeConfig:
     vad: str = "energy"
     # where the members run: "ingress" (inside each ingress replica) or "deployments" (one per member)
     members: str = "ingress"
-    # auto: each member in its fastest form with equal logits (ONNX Runtime, TorchScript or as saved)
+    # auto: each member as ONNX Runtime (CPU) or TorchScript where its logits stay equal, else as saved
     backend: str = "auto"
     # member deployments (members: deployments); max_batch_size and batch_wait_timeout_s batch windows
     # in either placement

@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "serve") 
                              "between actors per request, fastest on CPUs; scale with --ingress-replicas) or in "
                              "one deployment per member (own GPUs, nodes and --num-replicas per member)")
     parser.add_argument("--backend", choices=["auto", "eager", "torchscript", "onnx"], default="auto",
-                        help="auto: each member in its fastest form with the same logits (ONNX Runtime, a "
-                             "TorchScript trace, or as saved; on CPU the default cnn ~2x, bigru_attn ~4x); the "
+                        help="auto: each member as an ONNX Runtime session (CPU) or a TorchScript trace where its "
+                             "logits stay the same, else as saved (on CPU the default cnn ~2x, bigru_attn ~4x faster); the "
                              "others force one form (eager where it fails)")
     parser.add_argument("--num-replicas", type=int, default=1, help="replicas per member (--members deployments)")
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per member replica (--members deployments)")
