@@ -1,4 +1,4 @@
-"""The Ray Serve application: one deployment per ensemble member, and a FastAPI ingress.
+"""The Ray Serve application: a FastAPI ingress that runs the ensemble members, or sends to one deployment each.
 
 ```
 members: ingress (default)
@@ -431,9 +431,9 @@ class Ingress:
         return [handle.logits.remote(features[s:s + step]) for s in range(0, len(features), step)]
 
     def _annotate(self, path: str, uri: str, config=None, opener=None, budget=None) -> tuple[dict, list[dict]]:
-        """``annotate_file`` through the member deployments; rows name ``uri`` (what the client sent).
+        """``annotate_file`` through the members; rows name ``uri`` (what the client sent).
 
-        ``annotate_file`` turns any exception into an error row. A failing member deployment is not a
+        ``annotate_file`` turns any exception into an error row. A failing or slow member is not a
         property of the file, so it raises ``_MembersUnavailable`` (-> 503, which clients retry)
         instead of an error row that a resumable client would commit for good.
         """
