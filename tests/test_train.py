@@ -3,6 +3,7 @@ worker, and cross-validation writing its result directory."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -196,7 +197,7 @@ def test_cv_writes_the_result_directory(ray_session, tmp_path):
         "data.features={n_mels: 32, window_s: 1.0}",
     ])
     out = tmp_path / "cv"
-    summary = run_cv(cfg, out, max_folds=1)
+    summary = run_cv(cfg, out, max_folds=2)  # two folds at once: 2 CPUs, 1 per fold
 
     folds = json.loads((out / "folds.json").read_text())
     assert folds["protocol"] == "loso" and len(folds["folds"]) == 4
@@ -212,7 +213,31 @@ def test_cv_writes_the_result_directory(ray_session, tmp_path):
     assert (out / "confusion.png").stat().st_size > 0
     saved = json.loads((out / "summary.json").read_text())
     assert saved["labels"] == ["anger", "neutral", "sadness"] and saved["leaky"] is False
-    assert saved["folds_run"] == [0] and summary["ua"]["mean"] == metrics["ua"]
+    assert saved["folds_run"] == [0, 1] and summary["ua"]["mean"] == pytest.approx(
+        np.mean([metrics["ua"], json.loads((out / "fold_1" / "metrics.json").read_text())["ua"]]))
+
+    # a fold trained alone gives what it gave beside another fold (same seed, data and threads)
+    alone = tmp_path / "cv-alone"
+    run_cv(dataclasses.replace(cfg, concurrent_folds=1), alone, folds=[1])
+    for name in ("ua", "confusion", "best_epoch"):
+        assert json.loads((alone / "fold_1" / "metrics.json").read_text())[name] == \
+            json.loads((out / "fold_1" / "metrics.json").read_text())[name]
+    probs = [c for c in predictions.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(pd.read_parquet(alone / "fold_1" / "predictions.parquet")[probs],
+                               pd.read_parquet(out / "fold_1" / "predictions.parquet")[probs], atol=1e-6)
+
+
+def test_fold_concurrency_follows_the_cluster_and_the_setting(ray_session):
+    from ser_ray.train.config import TrainConfig
+    from ser_ray.train.cv import fold_concurrency
+
+    assert fold_concurrency(TrainConfig(family="cnn"), 10) == 2  # the test session's 2 CPUs, 1 per fold
+    assert fold_concurrency(TrainConfig(family="cnn", cpus_per_worker=2), 10) == 1
+    assert fold_concurrency(TrainConfig(family="cnn", cpus_per_worker=0.5), 3) == 3
+    assert fold_concurrency(TrainConfig(family="cnn", concurrent_folds=1), 10) == 1
+    assert fold_concurrency(TrainConfig(family="logreg"), 10) == 1  # seconds each, in this process
+    with pytest.raises(ValueError, match="concurrent_folds"):
+        TrainConfig(concurrent_folds=-1)
 
 
 def test_mixup_draws_a_partner_and_a_dominant_weight():

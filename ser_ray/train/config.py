@@ -96,6 +96,8 @@ class TrainConfig:
     seed: int = 0
     label_map: str = "six"
     max_failures: int = 2  # worker-group restarts (from the last checkpoint) before giving up
+    # cv folds trained at once (each its own Ray Train run); 0: as many as the cluster's CPUs/GPUs hold
+    concurrent_folds: int = 0
     storage_path: str | None = None  # Ray Train storage (local dir or s3://); default <out>/ray
     name: str | None = None  # Ray Train run name; a rerun with the same name resumes
     data: DataSpec = dataclasses.field(default_factory=DataSpec)
@@ -110,6 +112,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "num_workers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if int(self.concurrent_folds) < 0:
+            raise ValueError(f"concurrent_folds must be 0 (as many as the cluster holds) or more, got {self.concurrent_folds}")
         if not (self.mixup >= 0 and math.isfinite(self.mixup)):
             raise ValueError(f"mixup must be 0 (off) or a positive Beta parameter, got {self.mixup}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,27 @@ def out_of_fold_predictions(result) -> pd.DataFrame | None:
 # -- the whole cross-validation --------------------------------------------------------------------
 
 
+def fold_concurrency(config: TrainConfig, n_folds: int) -> int:
+    """Folds to train at once: ``config.concurrent_folds``, or (0) as many as the cluster's CPUs (and
+    GPUs, when training uses them) hold, one Ray Train run each; classical fits (seconds, in this
+    process) one after another."""
+    from ser_ray.models.classical import is_classical
+
+    if n_folds <= 1 or is_classical(config.family):
+        return 1
+    if config.concurrent_folds > 0:
+        return min(config.concurrent_folds, n_folds)
+    import ray
+
+    resources = ray.cluster_resources()
+    fits = int(resources.get("CPU", 1) // max(config.num_workers * config.cpus_per_worker, 1e-9))
+    gpus = resources.get("GPU", 0)
+    if (config.use_gpu or (config.use_gpu is None and gpus >= 1)) and config.gpus_per_worker > 0:
+        fits = min(fits, int(gpus // (config.num_workers * config.gpus_per_worker)))
+    return max(1, min(fits, n_folds))
+
+
+
 def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None,
            folds: list[int] | None = None) -> dict:
     """Cross-validate ``config.family`` on ``config.data``; write the result directory ``out``; return the summary.
@@ -170,19 +192,32 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
 
     storage_path = config.storage_path or str(out / "ray")
     run_id = config.name or f"{config.family}-{data.protocol}"
-    all_metrics = []
+    done = {}
     for f in chosen:
-        fold_dir = result.fold_dir(f)
         if result.fold_done(f):
             log.info("fold %d: already done (%s), skipping", f, result.fold_file(f, "metrics.json"))
-            all_metrics.append(json.loads(result.fold_file(f, "metrics.json").read_text()))
-            continue
+            done[f] = json.loads(result.fold_file(f, "metrics.json").read_text())
+    todo = [f for f in chosen if f not in done]
+
+    def one_fold(f: int) -> dict:
         tr, va, te = splits[f].with_features(rows, keep_failed=True)
         log.info("fold %d/%d: train %d clips (%d speakers), val %d (%d), test %d (%s)", f + 1, n_folds,
                  len(tr), tr["speaker"].nunique(), len(va), va["speaker"].nunique(), len(te),
                  ", ".join(speaker_list(te)[:4]) + ("..." if te["speaker"].nunique() > 4 else ""))
-        all_metrics.append(run_fold(f, tr, va, te, labels, feature_config, config, fold_dir,
-                                    run_name=f"{run_id}-fold{f}", storage_path=storage_path))
+        return run_fold(f, tr, va, te, labels, feature_config, config, result.fold_dir(f),
+                        run_name=f"{run_id}-fold{f}", storage_path=storage_path)
+
+    # Folds are independent runs: several at once keep the cluster busy and overlap each run's fixed
+    # start-up (worker group, datasets) with other folds' epochs. Each fold's result is the same as
+    # when it runs alone (same seed, data and threads).
+    at_once = fold_concurrency(config, len(todo))
+    if at_once > 1:
+        log.info("%d folds to train, %d at a time", len(todo), at_once)
+        with ThreadPoolExecutor(at_once, thread_name_prefix="fold") as pool:
+            done.update(zip(todo, pool.map(one_fold, todo)))
+    else:
+        done.update((f, one_fold(f)) for f in todo)
+    all_metrics = [done[f] for f in chosen]
 
     confusion = np.sum([np.asarray(m["confusion"]) for m in all_metrics], axis=0)
     plot_confusion(confusion, labels, result.confusion_png,
