@@ -212,6 +212,30 @@ def test_faster_member_forms_give_the_same_logits(tmp_path, backend):
     assert {m.backend for m in fast.members} == {"eager"}
 
 
+class _BakesItsBatchSize(torch.nn.Module):
+    """Logits that depend on the batch size through a Python int: a trace or an ONNX export bakes the
+    example's size in and answers wrongly for any other size."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.linear(x.mean(-1)) * int(x.shape[0])
+
+
+@pytest.mark.parametrize("backend", ["auto", "onnx", "torchscript"])
+def test_a_form_that_differs_from_the_model_is_not_used(backend):
+    """A converted form whose logits differ at other batch sizes than its example's is refused: the
+    member runs as the module itself (eager) and its logits stay right at every size."""
+    from ser_ray.ensemble.runtime import choose_runner
+
+    fc = FeatureConfig(kind="logmel", window_s=1.0, n_mels=32, n_fft=512, hop_length=256)
+    model = _BakesItsBatchSize().eval()
+    runner, name = choose_runner(model, fc, "cpu", backend)
+    assert (runner, name) == (model, "eager")
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_writes_members_that_compute_the_same_logits(tmp_path, fmt):
     """`ser-ray export` writes each member as ONNX (run here with onnxruntime) or TorchScript (torch.jit.load)

@@ -7,6 +7,7 @@ import logging
 from ser_ray.annotate.core import NORMALISE_BY, AnnotateConfig
 from ser_ray.annotate.vad import METHODS as VAD_METHODS
 from ser_ray.annotate.writer import FORMATS
+from ser_ray.ensemble.runtime import BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def add_arguments(parser, command_name: str = "annotate") -> None:
     parser.add_argument("--batch-files", type=int, default=16, help="files per committed output part")
     parser.add_argument("--num-actors", type=int, default=None, help="annotation actors (default: one per CPU)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--backend", choices=["auto", "eager", "torchscript", "onnx"], default=AnnotateConfig.backend,
+    parser.add_argument("--backend", choices=BACKENDS, default=AnnotateConfig.backend,
                         help="auto: each member as an ONNX Runtime session (CPU) or a TorchScript trace where its "
                              "logits stay the same, else as saved; the others force one form (eager where it fails)")
     parser.add_argument("--format", choices=FORMATS, default=FORMATS[0])

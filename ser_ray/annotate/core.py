@@ -59,10 +59,10 @@ class AnnotateConfig:
     backend: str = "auto"
 
     def __post_init__(self):
-        from ser_ray.ensemble.bundle import INFERENCE_BACKENDS
+        from ser_ray.ensemble.runtime import BACKENDS
 
-        if self.backend not in INFERENCE_BACKENDS:
-            raise ValueError(f"backend {self.backend!r}: choose one of {list(INFERENCE_BACKENDS)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r}: choose one of {list(BACKENDS)}")
         if self.normalise_by not in NORMALISE_BY:
             raise ValueError(f"normalise_by {self.normalise_by!r}: choose one of {list(NORMALISE_BY)}")
         if self.window_s <= 0 or self.hop_s <= 0:

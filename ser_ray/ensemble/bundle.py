@@ -6,8 +6,8 @@ Layout::
     members/<name>/          one model per member in ``save_model`` layout
 
 ``Bundle.features``, ``Bundle.member_forward`` and ``Bundle.combine`` are the three steps of
-``Bundle.predict_proba``; Serve runs the first and last in its ingress and ``member_forward`` in one
-deployment per member, offline annotation calls ``predict_proba``, so both give the same probabilities.
+``Bundle.predict_proba``; Serve runs all three in its ingress (or ``member_forward`` in one deployment
+per member), offline annotation calls ``predict_proba``, so both give the same probabilities.
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ SCHEMA_VERSION = 1
 BUNDLE_JSON = "bundle.json"
 # Windows per forward pass inside member_logits: bounds memory for large inputs.
 _CHUNK = 64
-# auto: each member as ONNX Runtime (CPU) or TorchScript where its logits stay equal (ser_ray.ensemble.runtime)
-from ser_ray.ensemble.runtime import BACKENDS as INFERENCE_BACKENDS  # noqa: E402
 
 
 @dataclasses.dataclass

@@ -1,8 +1,8 @@
 """export a bundle's members as ONNX or TorchScript files
 
 ``ser-ray export --bundle B --out DIR [--format onnx|torchscript]`` writes each member in that form,
-checked against the PyTorch module first (the same conversion and equality check that
-``Bundle.optimise_for_inference`` runs), plus ``export.json``: labels, and per member its file, input
+the form written checked against the PyTorch module first (the equality check of
+``Bundle.optimise_for_inference``), plus ``export.json``: labels, and per member its file, input
 feature config and shape, temperature and weight, so the ensemble can run where only ONNX Runtime
 or libtorch is installed: ``probabilities = sum_i weight_i * softmax(logits_i / temperature_i)``
 over features from ``ser_ray.features.FeatureExtractor``. Serve and offline annotation do not need
@@ -37,7 +37,7 @@ def export_bundle(bundle_uri: str, out: str, fmt: str = "onnx") -> dict:
     the reason: a file that computes something else must not exist.
     """
     from ser_ray.ensemble.bundle import load_bundle
-    from ser_ray.ensemble.runtime import choose_runner, to_onnx, to_torchscript
+    from ser_ray.ensemble.runtime import OnnxRunner, check_equal, check_inputs, to_onnx, to_torchscript
 
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r}: choose one of {sorted(FORMATS)}")
@@ -46,17 +46,21 @@ def export_bundle(bundle_uri: str, out: str, fmt: str = "onnx") -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     members = []
     for m, weight in zip(bundle.members, bundle.weights()):
-        _, backend = choose_runner(m.model, m.feature_config, "cpu", fmt)  # converts and checks equality
-        if backend != fmt:
+        inputs = check_inputs(m.feature_config)
+        try:
+            if fmt == "onnx":
+                runner = OnnxRunner(to_onnx(m.model.eval(), inputs[0]), torch.get_num_threads())
+            else:  # frozen, without optimize_for_inference: its prepacked oneDNN weights do not load back
+                runner = to_torchscript(m.model, inputs[0], portable=True)
+            check_equal(runner, inputs, [m.model(x).float() for x in inputs])
+        except Exception as exc:
             raise ValueError(f"member {m.name!r} ({m.family}) cannot be exported as {fmt} with equal logits "
-                             "(see the log); serve and annotate run it as it is")
-        example = torch.zeros((2, *m.feature_config.shape))
+                             f"({type(exc).__name__}: {exc}); serve and annotate run it as it is") from exc
         path = out_dir / f"{m.name}{FORMATS[fmt]}"
         if fmt == "onnx":
-            path.write_bytes(to_onnx(m.model, example))
+            path.write_bytes(runner.onnx_bytes)
         else:
-            # frozen, without optimize_for_inference: its prepacked oneDNN weights do not load back
-            torch.jit.save(to_torchscript(m.model, example, portable=True), str(path))
+            torch.jit.save(runner, str(path))
         members.append({"name": m.name, "family": m.family, "file": path.name, "input": "features",
                         "input_shape": ["batch", *m.feature_config.shape], "output": "logits",
                         "feature_config": m.feature_config.to_dict(), "temperature": float(m.temperature),

@@ -48,6 +48,7 @@ class OnnxRunner:
     def __init__(self, onnx_bytes: bytes, threads: int):
         import onnxruntime as ort
 
+        self.onnx_bytes = onnx_bytes  # what ser-ray export writes
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)  # the caller's CPU budget, like torch's threads
         options.inter_op_num_threads = 1
@@ -86,6 +87,22 @@ def _convert(model: nn.Module, backend: str, example: torch.Tensor, device: str)
     return OnnxRunner(to_onnx(model, example), torch.get_num_threads())
 
 
+def check_inputs(feature_config: FeatureConfig, device: str = "cpu") -> list[torch.Tensor]:
+    """Random feature batches a converted form is checked on; the first is the export example. Batch
+    sizes other than the example's (8) too: a trace can bake its example's size in."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn((n, *feature_config.shape), generator=generator).to(device) for n in (8, 1, 3)]
+
+
+@torch.inference_mode()
+def check_equal(runner: Runner, inputs: list[torch.Tensor], wanted: list[torch.Tensor]) -> None:
+    """Raise ValueError unless ``runner`` gives ``wanted`` (the module's logits) on ``inputs`` to ``ATOL``."""
+    for x, want in zip(inputs, wanted):
+        got = runner(x).float()
+        if got.shape != want.shape or not torch.allclose(got, want, atol=ATOL, rtol=ATOL):
+            raise ValueError(f"its logits differ from the model's by up to {float((got - want).abs().max()):.2g}")
+
+
 @torch.inference_mode()
 def choose_runner(model: nn.Module, feature_config: FeatureConfig, device: str = "cpu",
                   backend: str = "auto") -> tuple[Runner, str]:
@@ -101,9 +118,8 @@ def choose_runner(model: nn.Module, feature_config: FeatureConfig, device: str =
         log.info("%s: %d parameters, over auto's limit of %d; runs eager (choose a backend to convert it)",
                  type(model).__name__, size, AUTO_MAX_VALUES)
         return model, "eager"
-    generator = torch.Generator().manual_seed(0)
-    # batch sizes other than the example's (8) too: a trace can bake its example's size in
-    inputs = [torch.randn((n, *feature_config.shape), generator=generator).to(device) for n in (8, 1, 3)]
+    inputs = check_inputs(feature_config, device)
+    wanted = [model(x).float() for x in inputs]
     if backend != "auto":
         candidates = [backend]
     else:
@@ -111,10 +127,7 @@ def choose_runner(model: nn.Module, feature_config: FeatureConfig, device: str =
     for name in candidates:
         try:
             runner = _convert(model, name, inputs[0], device)
-            for x in inputs:
-                want, got = model(x).float(), runner(x).float()
-                if got.shape != want.shape or not torch.allclose(got, want, atol=ATOL, rtol=ATOL):
-                    raise ValueError(f"its logits differ from the model's by up to {float((got - want).abs().max()):.2g}")
+            check_equal(runner, inputs, wanted)
         except Exception as exc:  # an optimisation only: a form that fails or differs is not used
             (log.warning if backend != "auto" else log.info)(
                 "%s as %s: not used (%s: %s)", type(model).__name__, name, type(exc).__name__, exc)

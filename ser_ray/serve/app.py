@@ -144,12 +144,12 @@ class ServeConfig:
                               max_duration_s=self.max_duration_s, backend=self.backend)
 
     def __post_init__(self):
-        from ser_ray.ensemble.bundle import INFERENCE_BACKENDS
+        from ser_ray.ensemble.runtime import BACKENDS
 
         if self.members not in MEMBER_PLACEMENTS:
             raise ValueError(f"serve option members={self.members!r}: choose one of {', '.join(MEMBER_PLACEMENTS)}")
-        if self.backend not in INFERENCE_BACKENDS:
-            raise ValueError(f"serve option backend={self.backend!r}: choose one of {', '.join(INFERENCE_BACKENDS)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"serve option backend={self.backend!r}: choose one of {', '.join(BACKENDS)}")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -400,9 +400,8 @@ class Ingress:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         timeout = self.config.member_timeout_s
         if self.local:
-            step = self.config.max_batch_size
-            calls = [asyncio.run_coroutine_threadsafe(self._local_logits(waves[s:s + step]), self.loop)
-                     for s in range(0, len(waves), step)]
+            calls = [asyncio.run_coroutine_threadsafe(self._local_logits(chunk), self.loop)
+                     for chunk in self._chunks(waves)]
             parts = [call.result(timeout=timeout) for call in calls]
             return self.bundle.combine([np.concatenate([p[i] for p in parts]) for i in range(len(self.bundle.members))])
         pending = [self._send(handle, x) for handle, x in zip(self.members, self._member_features(waves))]
@@ -414,12 +413,15 @@ class Ingress:
         """members: ingress. Windows of this replica's concurrent requests -> every member's logits,
         one forward pass per member for the whole batch (off the event loop)."""
         sizes = [len(c) for c in chunks]
-        logits = await asyncio.to_thread(self._all_member_logits, np.concatenate(chunks))
+        logits = await asyncio.to_thread(
+            lambda waves: self.bundle.logits_from_features(self.bundle.features(waves)), np.concatenate(chunks))
         parts = [np.split(x, np.cumsum(sizes)[:-1]) for x in logits]
         return [[member[j] for member in parts] for j in range(len(chunks))]
 
-    def _all_member_logits(self, waves: np.ndarray) -> list[np.ndarray]:
-        return [self.bundle.member_forward(i, x) for i, x in enumerate(self._member_features(waves))]
+    def _chunks(self, x: np.ndarray) -> list[np.ndarray]:
+        """``x`` in pieces of at most ``max_batch_size`` windows (what one batched call may carry)."""
+        step = self.config.max_batch_size
+        return [x[s:s + step] for s in range(0, len(x), step)]
 
     def _member_features(self, waves: np.ndarray) -> list[np.ndarray]:
         """Each member's input features for ``waves``: one extraction per distinct feature config."""
@@ -427,8 +429,7 @@ class Ingress:
         return [shared[m.feature_config] for m in self.bundle.members]
 
     def _send(self, handle: DeploymentHandle, features: np.ndarray) -> list:
-        step = self.config.max_batch_size
-        return [handle.logits.remote(features[s:s + step]) for s in range(0, len(features), step)]
+        return [handle.logits.remote(chunk) for chunk in self._chunks(features)]
 
     def _annotate(self, path: str, uri: str, config=None, opener=None, budget=None) -> tuple[dict, list[dict]]:
         """``annotate_file`` through the members; rows name ``uri`` (what the client sent).

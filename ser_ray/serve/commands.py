@@ -18,6 +18,8 @@ import logging
 import signal
 from pathlib import Path
 
+from ser_ray.ensemble.runtime import BACKENDS
+
 log = logging.getLogger(__name__)
 
 
@@ -43,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "serve") 
                         help="where the ensemble members run: inside each ingress replica (default: no calls "
                              "between actors per request, fastest on CPUs; scale with --ingress-replicas) or in "
                              "one deployment per member (own GPUs, nodes and --num-replicas per member)")
-    parser.add_argument("--backend", choices=["auto", "eager", "torchscript", "onnx"], default="auto",
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="auto: each member as an ONNX Runtime session (CPU) or a TorchScript trace where its "
                              "logits stay the same, else as saved (on CPU the default cnn ~2x, bigru_attn ~4x faster); the "
                              "others force one form (eager where it fails)")
