@@ -26,7 +26,9 @@ class FeatureExtractor:
         self.device = torch.device(device)
         c = config
         # Same settings as librosa.feature.melspectrogram's defaults (Slaney mel scale and norm,
-        # zero padding when centring), so features match the seed code.
+        # zero padding when centring), so features match the seed code. The spectrogram is kept
+        # complex and squared as re² + im²: torch's |z|² of a complex tensor (what power=2 does) costs
+        # as much as the FFT itself.
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=c.sample_rate,
             n_fft=c.n_fft,
@@ -34,7 +36,7 @@ class FeatureExtractor:
             n_mels=c.n_mels,
             center=True,
             pad_mode="constant",
-            power=2.0,
+            power=None,
             norm="slaney",
             mel_scale="slaney",
         ).to(self.device)
@@ -64,10 +66,15 @@ class FeatureExtractor:
             return self._zcr_energy(x)
         if kind == "functionals":
             return utterance_functionals(self, x)
-        logmel = self._power_to_db(self.mel(x))
+        logmel = self._power_to_db(self.mel.mel_scale(self.power_spectrogram(x)))
         if kind == "logmel":
             return logmel
         return torch.einsum("bmt,mk->bkt", logmel, self.dct)
+
+    def power_spectrogram(self, x: torch.Tensor) -> torch.Tensor:
+        """``|STFT|²`` ``[B, n_fft/2+1, frames]`` (centred, Hann window)."""
+        spec = self.mel.spectrogram(x)
+        return spec.real.square() + spec.imag.square()
 
     def _power_to_db(self, power: torch.Tensor) -> torch.Tensor:
         db = 10.0 * torch.log10(torch.clamp(power, min=AMIN))

@@ -99,7 +99,7 @@ def utterance_functionals(extractor, waves: torch.Tensor) -> torch.Tensor:
     c = extractor.config
     sr, hop, n_fft = c.sample_rate, c.hop_length, c.n_fft
     frame_s = hop / sr
-    power = extractor.mel.spectrogram(waves)  # [B, n_fft/2+1, T], centred, |X|^2
+    power = extractor.power_spectrogram(waves)  # [B, n_fft/2+1, T], centred, |X|^2
     logmel = extractor._power_to_db(extractor.mel.mel_scale(power))  # [B, n_mels, T]
     mfcc = torch.einsum("bmt,mk->bkt", logmel, extractor.dct)
     dmfcc = torchaudio_deltas(mfcc)
