@@ -39,6 +39,16 @@ def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int
     return True
 
 
+def ray_in_use(address: str | None = None) -> bool:
+    """True when ``connect(address)`` would use or join a Ray rather than start a new local one."""
+    import sys
+
+    if address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+        return True
+    ray = sys.modules.get("ray")  # not imported: cannot be connected (and importing costs ~0.3 s)
+    return bool(ray is not None and ray.is_initialized())
+
+
 def ensure() -> None:
     """Connect (see ``connect``) unless this process already is."""
     connect(dashboard=False)

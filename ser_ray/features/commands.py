@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from ser_ray.features.config import FEATURE_KINDS, LEVEL_NORMALISATIONS
+from ser_ray.features.pipeline import STRATEGIES
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "prepare") -> 
     parser.add_argument("--normalize", default="none", choices=LEVEL_NORMALISATIONS,
                         help="waveform level normalisation before features")
     parser.add_argument("--batch-size", type=int, default=64, help="clips per feature batch")
-    parser.add_argument("--strategy", default="tasks", choices=["tasks", "actors"],
-                        help="Ray Data compute: tasks (faster on CPU) or an actor pool")
+    parser.add_argument("--strategy", default="auto", choices=list(STRATEGIES),
+                        help="local: worker processes on this machine, no Ray; tasks / actors: Ray Data "
+                             "tasks or an actor pool, over the cluster; auto (default): Ray Data when a Ray "
+                             "is running or given (--address, RAY_ADDRESS, ray job submit), else local")
     parser.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto); default: local Ray")
     parser.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
 
@@ -30,9 +33,10 @@ def run(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(args.manifest)
     config = FeatureConfig(kind=args.features, normalize=args.normalize)
-    from ser_ray.session import connect
+    from ser_ray.session import connect, ray_in_use
 
-    connect(args.address, dashboard=False)
+    if args.strategy != "local" and (args.strategy != "auto" or ray_in_use(args.address)):
+        connect(args.address, dashboard=False)
     info = prepare(manifest, args.out, config, batch_size=args.batch_size, strategy=args.strategy,
                    progress=not args.no_progress)
     state = "reused" if info.reused else f"written in {info.seconds:.1f} s"

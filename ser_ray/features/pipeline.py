@@ -1,4 +1,4 @@
-"""Manifest -> Ray Data -> feature cache (Parquet), keyed by feature config + manifest.
+"""Manifest -> Ray Data (or local processes) -> feature cache (Parquet), keyed by feature config + manifest.
 
 One row per manifest row: every manifest column, ``features`` (float32, ``config.shape``) and
 ``error`` (null when ok). A clip that cannot be read or decoded becomes a row with ``error`` set and
@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 
 import numpy as np
@@ -26,7 +27,6 @@ import ser_ray
 from ser_ray import storage
 from ser_ray.audio.decode import decode_audio
 from ser_ray.features.config import FeatureConfig
-from ser_ray.features.extractor import FeatureExtractor
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ CACHE_JSON = "cache.json"
 # Bump when the way rows are produced changes, so old caches are not reused by mistake.
 PIPELINE_VERSION = 2  # 2: soxr resampling, rate and sample checks
 ERROR_SAMPLE = 20  # error messages kept in cache.json / CacheInfo
+# How the clips are spread over CPUs: ``local`` worker processes on this machine (no Ray), Ray Data
+# ``tasks`` or an autoscaling Ray Data ``actors`` pool; ``auto`` is ``local`` when no Ray is running
+# or given to join (starting and stopping one costs ~4 s, a third of a 1,500-clip corpus), else ``tasks``.
+STRATEGIES = ("auto", "local", "tasks", "actors")
 
 
 @dataclasses.dataclass
@@ -54,8 +58,10 @@ class CacheInfo:
 
 
 @functools.lru_cache(maxsize=4)
-def _extractor(config: FeatureConfig) -> FeatureExtractor:
+def _extractor(config: FeatureConfig):
     # Ray reuses worker processes, so each worker builds its extractor (mel filterbank) once.
+    from ser_ray.features.extractor import FeatureExtractor
+
     return FeatureExtractor(config)
 
 
@@ -93,6 +99,75 @@ class ExtractBatch:
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
         return extract_batch(batch, self.config)
+
+
+# -- the local form: worker processes on this machine, no Ray ------------------------------------
+
+
+def _start_local_worker(config: FeatureConfig) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per CPU, as Ray runs its workers (OMP_NUM_THREADS=1)
+    _extractor(config)
+
+
+def _extract_block(block: pd.DataFrame, config: FeatureConfig, batch_size: int, uri: str) -> int:
+    """One block of manifest rows -> one Parquet file at ``uri`` (run in a worker process)."""
+    import pyarrow.parquet as pq
+
+    tables = [extract_batch(block.iloc[i:i + batch_size], config) for i in range(0, len(block), batch_size)]
+    fs, path = storage.filesystem_and_path(uri)
+    pq.write_table(pa.concat_tables(tables), path, filesystem=fs)
+    return len(block)
+
+
+def _local_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def fork_is_safe() -> bool:
+    """Whether worker processes can be forked from this one: not after torch (its OpenMP pool can
+    deadlock a forked child) or Ray (its threads) have started here. Otherwise they are spawned,
+    which re-imports the caller's main module: a script then needs ``if __name__ == "__main__":``,
+    as for any multiprocessing or PyTorch ``DataLoader`` workers."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    return (os.name == "posix" and "torch" not in sys.modules
+            and not (ray is not None and ray.is_initialized()))
+
+
+def _start_method() -> str:
+    return "fork" if fork_is_safe() else "spawn"
+
+
+def _write_local(manifest: pd.DataFrame, cache_dir: str, config: FeatureConfig, batch_size: int,
+                 progress: bool) -> None:
+    """The cache's Parquet files from a pool of worker processes, one per CPU.
+
+    Blocks are small enough (8 per worker, at least one batch) that the last ones do not leave CPUs
+    idle, and at most 1,024 rows so a large corpus is not thousands of tiny files.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    workers = _local_cpus()
+    rows = min(1024, max(batch_size, math.ceil(len(manifest) / (8 * workers))))
+    starts = range(0, len(manifest), rows)
+    fs, path = storage.filesystem_and_path(cache_dir)
+    fs.create_dir(path, recursive=True)
+    log.info("extracting %s features for %d clips into %s (%d worker processes, %d blocks of <= %d rows, batch %d)",
+             config.kind, len(manifest), cache_dir, workers, len(starts), rows, batch_size)
+    with ProcessPoolExecutor(min(workers, len(starts)), mp_context=multiprocessing.get_context(_start_method()),
+                             initializer=_start_local_worker, initargs=(config,)) as pool:
+        futures = [pool.submit(_extract_block, manifest.iloc[a:a + rows], config, batch_size,
+                               storage.join(cache_dir, f"part-{i:05d}.parquet"))
+                   for i, a in enumerate(starts)]
+        with tqdm(total=len(manifest), unit="clip", desc="prepare", disable=not progress) as bar:
+            for future in as_completed(futures):
+                bar.update(future.result())
 
 
 # -- cache key and layout --------------------------------------------------------------------------
@@ -148,25 +223,30 @@ def prepare(
     *,
     batch_size: int = 64,
     num_cpus_per_task: float = 1,
-    strategy: str = "tasks",
+    strategy: str = "auto",
     progress: bool = True,
 ) -> CacheInfo:
     """Extract features for every manifest row into ``cache_root/<key>/`` and return its info.
 
     Reuses a complete cache with the same key (``reused=True``); removes and redoes a cache dir
-    left without ``cache.json`` by a crashed run. ``strategy`` is ``tasks`` (default: measured
-    faster on CPU, see benchmarks/features.py) or ``actors`` (an autoscaling actor pool).
-    Needs a running Ray (``ray.init``) or starts a local one.
+    left without ``cache.json`` by a crashed run. ``strategy`` (see ``STRATEGIES``): ``local``
+    worker processes, Ray Data ``tasks`` (measured faster than actors on CPU, see
+    benchmarks/features.py) or ``actors``; ``auto`` takes Ray Data when this process is connected to
+    a Ray or has one to join (``RAY_ADDRESS``, ``ray job submit``), else ``local``. Every strategy
+    writes the same rows. (``auto`` also needs workers to be forkable, see ``fork_is_safe``: the
+    ``ser-ray prepare`` command always is.)
     """
-    import ray
-    from ray.data import DataContext
-
     if "path" not in manifest.columns:
         raise ValueError("manifest has no 'path' column; build it with `ser-ray manifest`")
     if len(manifest) == 0:
         raise ValueError("manifest is empty: nothing to prepare")
-    if strategy not in ("tasks", "actors"):
-        raise ValueError(f"unknown strategy {strategy!r}; choose tasks or actors")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    from ser_ray.session import ray_in_use
+
+    if strategy == "auto":
+        # forking needs no main-module guard from the caller; where it is unsafe, start Ray as before
+        strategy = "local" if not ray_in_use() and fork_is_safe() else "tasks"
     start = time.perf_counter()
     key = cache_key(manifest, config)
     cache_dir = storage.join(cache_root, key)
@@ -181,6 +261,47 @@ def prepare(
                     cache_dir, CACHE_JSON)
         storage.remove_tree(cache_dir)
 
+    manifest = manifest.reset_index(drop=True)
+    if strategy == "local":
+        _write_local(manifest, cache_dir, config, batch_size, progress)
+    else:
+        _write_with_ray_data(manifest, cache_dir, config, batch_size, num_cpus_per_task, strategy, progress)
+
+    # Count from the written files (two small columns), so nothing is held in driver memory.
+    status = _read_columns(cache_dir, ["path", "error"])
+    failed = status[status["error"].notna()]
+    seconds = time.perf_counter() - start
+    meta = {
+        "key": key,
+        "feature_config": config.to_dict(),
+        "n_rows": len(status),
+        "n_ok": int(len(status) - len(failed)),
+        "n_error": int(len(failed)),
+        "errors": [[p, e] for p, e in failed.head(ERROR_SAMPLE).itertuples(index=False)],
+        "columns": list(manifest.columns) + ["features", "error"],
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 3),
+        "ser_ray_version": ser_ray.__version__,
+        "pipeline_version": PIPELINE_VERSION,
+        "strategy": strategy,
+    }
+    if meta["n_rows"] != len(manifest):
+        raise RuntimeError(f"{cache_dir}: wrote {meta['n_rows']} rows for {len(manifest)} manifest rows")
+    storage.write_bytes(storage.join(cache_dir, CACHE_JSON), json.dumps(meta, indent=2).encode())
+
+    for p, e in meta["errors"]:
+        log.warning("skipped %s", e)
+    log.info("prepared %d clips (%d ok, %d errors) in %.1f s: %.1f clips/s -> %s",
+             len(manifest), meta["n_ok"], meta["n_error"], seconds, len(manifest) / seconds, cache_dir)
+    return _info_from_json(cache_dir, meta, reused=False, seconds=seconds)
+
+
+def _write_with_ray_data(manifest: pd.DataFrame, cache_dir: str, config: FeatureConfig, batch_size: int,
+                         num_cpus_per_task: float, strategy: str, progress: bool) -> None:
+    """The cache's Parquet files from Ray Data: blocks spread over the cluster's CPUs (and nodes)."""
+    import ray
+    from ray.data import DataContext
+
     from ser_ray.session import ensure
 
     ensure()
@@ -191,7 +312,6 @@ def prepare(
                     "use an s3:// cache root", cache_dir, nodes)
     # ~200 clips per block keeps blocks small (streaming), and >= 2 blocks per CPU keeps CPUs busy.
     num_blocks = min(len(manifest), max(2 * cpus, math.ceil(len(manifest) / 200)))
-    manifest = manifest.reset_index(drop=True)
     bounds = np.linspace(0, len(manifest), num_blocks + 1).astype(int)
     # One DataFrame per block (from_pandas's override_num_blocks breaks on DataFrames in 2.60).
     ds = ray.data.from_pandas([manifest.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
@@ -220,33 +340,6 @@ def prepare(
     finally:
         context.enable_progress_bars = bars
 
-    # Count from the written files (two small columns), so nothing is held in driver memory.
-    status = _read_columns(cache_dir, ["path", "error"])
-    failed = status[status["error"].notna()]
-    seconds = time.perf_counter() - start
-    meta = {
-        "key": key,
-        "feature_config": config.to_dict(),
-        "n_rows": len(status),
-        "n_ok": int(len(status) - len(failed)),
-        "n_error": int(len(failed)),
-        "errors": [[p, e] for p, e in failed.head(ERROR_SAMPLE).itertuples(index=False)],
-        "columns": list(manifest.columns) + ["features", "error"],
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(seconds, 3),
-        "ser_ray_version": ser_ray.__version__,
-        "pipeline_version": PIPELINE_VERSION,
-    }
-    if meta["n_rows"] != len(manifest):
-        raise RuntimeError(f"{cache_dir}: wrote {meta['n_rows']} rows for {len(manifest)} manifest rows")
-    storage.write_bytes(storage.join(cache_dir, CACHE_JSON), json.dumps(meta, indent=2).encode())
-
-    for p, e in meta["errors"]:
-        log.warning("skipped %s", e)
-    log.info("prepared %d clips (%d ok, %d errors) in %.1f s: %.1f clips/s -> %s",
-             len(manifest), meta["n_ok"], meta["n_error"], seconds, len(manifest) / seconds, cache_dir)
-    return _info_from_json(cache_dir, meta, reused=False, seconds=seconds)
-
 
 # -- reading a cache -------------------------------------------------------------------------------
 
@@ -267,7 +360,8 @@ def _check_complete(cache_dir: str) -> dict:
 def _read_columns(cache_dir: str, columns: list[str] | None = None) -> pd.DataFrame:
     import pyarrow.dataset as pads
 
-    import ray.data.extensions  # noqa: F401  registers the tensor extension type for Parquet
+    if columns is None or "features" in columns:
+        import ray.data.extensions  # noqa: F401  registers the tensor extension type for Parquet
 
     fs, path = storage.filesystem_and_path(cache_dir)
     files = sorted(
