@@ -69,7 +69,9 @@ def check_samples(audio: np.ndarray, name: str) -> None:
 
 def to_mono(audio: np.ndarray) -> np.ndarray:
     """``[channels, samples]`` or ``[samples]`` -> ``[samples]`` by averaging channels."""
-    return audio if audio.ndim == 1 else audio.mean(axis=0)
+    if audio.ndim == 1:
+        return audio
+    return audio[0] if audio.shape[0] == 1 else audio.mean(axis=0)  # one channel: no copy
 
 
 def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:

@@ -74,7 +74,7 @@ class FeatureExtractor:
     def power_spectrogram(self, x: torch.Tensor) -> torch.Tensor:
         """``|STFT|²`` ``[B, n_fft/2+1, frames]`` (centred, Hann window)."""
         spec = self.mel.spectrogram(x)
-        return spec.real.square() + spec.imag.square()
+        return spec.real.square().addcmul_(spec.imag, spec.imag)
 
     def _power_to_db(self, power: torch.Tensor) -> torch.Tensor:
         db = 10.0 * torch.log10(torch.clamp(power, min=AMIN))
