@@ -47,7 +47,7 @@ class MemorySampler(threading.Thread):
                 except psutil.Error:
                     continue
                 tree += rss
-                if name.startswith("ray::"):
+                if name.startswith("ray::") or "python" in name:  # Ray workers, local workers
                     worker = max(worker, rss)
             self.driver = max(self.driver, driver)
             self.worker = max(self.worker, worker)
@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=7442)
     parser.add_argument("--actors", type=int, default=91)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--strategy", choices=["tasks", "actors"], default="tasks")
+    parser.add_argument("--strategy", choices=["local", "tasks", "actors"], default="local",
+                        help="local: worker processes, no Ray (what `ser-ray prepare` does on one machine)")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--features", default="logmel")
     args = parser.parse_args(argv)
@@ -87,7 +88,8 @@ def main(argv=None) -> int:
         sampler = MemorySampler()
         sampler.start()
         t0 = time.perf_counter()
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        if args.strategy != "local":
+            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         init_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         info = prepare(manifest, os.path.join(work, "cache"), FeatureConfig(kind=args.features),
@@ -96,13 +98,14 @@ def main(argv=None) -> int:
         sampler.stop.set()
         sampler.join()
         cache_mb = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(info.path) for f in fs) / 2**20
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
 
         mb = 2**20
         print(f"ray.init: {init_s:.1f} s; prepare: {wall:.1f} s wall, {len(manifest) / wall:.1f} clips/s "
               f"({args.num_cpus} CPUs, {args.strategy}, batch {args.batch_size}); "
               f"{info.n_ok} ok, {info.n_error} errors; cache {cache_mb:.0f} MiB")
-        print(f"peak RSS: driver {sampler.driver / mb:.0f} MiB, largest Ray worker {sampler.worker / mb:.0f} MiB, "
+        print(f"peak RSS: driver {sampler.driver / mb:.0f} MiB, largest worker {sampler.worker / mb:.0f} MiB, "
               f"whole tree {sampler.tree / mb:.0f} MiB (tree includes GCS/raylet and shared object-store pages)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
