@@ -366,6 +366,77 @@ def test_annotate_job_loses_a_node_and_still_writes_one_row_per_file(two_nodes, 
                       "resumed": [line for line in logs.splitlines() if "lost workers" in line][:1]}))
 
 
+@pytest.mark.timeout(600)
+def test_two_worker_training_loses_a_node_and_resumes_from_its_checkpoint(two_nodes, s3_corpus, tmp_path):
+    """jobs/train.py with two Ray Train workers (DDP over gloo) of 0.75 CPU each, so one runs on each
+    node; data and checkpoints on S3. Once an epoch is checkpointed the second node is killed; a new
+    node joins (what an autoscaler does), and the worker group restarts from the last checkpoint:
+    every epoch in the kept history once, in order, and the epochs after the kill not from epoch 0."""
+    import yaml
+
+    bucket, client = s3_corpus
+    epochs = 6
+    config = {
+        "family": "cnn", "hparams": {"width": 8}, "epochs": epochs, "batch_size": 8, "patience": 0,
+        "num_workers": 2, "cpus_per_worker": 0.75, "max_failures": 2, "name": "ddp-node-loss",
+        "storage_path": f"s3://{bucket}/train-ray",
+        "data": {"corpus": "synthetic", "root": f"s3://{bucket}/corpus", "protocol": "kfold", "k": 3,
+                 "test_fold": 0, "val_fraction": 0.25, "features": {"n_mels": 32, "window_s": 1.5},
+                 "cache_root": f"s3://{bucket}/train-cache"},
+    }
+    config_path = REPO / ".cluster-train.yaml"  # inside the working dir the job is given
+    config_path.write_text(yaml.safe_dump(config))
+    node = two_nodes["second_node"]()
+    env = two_nodes["env"]
+    out = tmp_path / "train"
+    try:
+        job = subprocess.run([RAY, "job", "submit", "--no-wait", "--working-dir", str(REPO), "--submission-id",
+                              "train-node-loss", "--", "python", "jobs/train.py", "--config", config_path.name,
+                              "--out", str(out)], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        config_path.unlink()
+    assert job.returncode == 0, job.stdout + job.stderr
+
+    def checkpointed() -> bool:
+        listed = client.list_objects_v2(Bucket=bucket, Prefix="train-ray/ddp-node-loss-fold0/")
+        return any(obj["Key"].endswith("checkpoint_manager_snapshot.json") for obj in listed.get("Contents", []))
+
+    def logs() -> str:
+        return subprocess.run([RAY, "job", "logs", "train-node-loss"], env=env, capture_output=True, text=True,
+                              timeout=60).stdout
+
+    try:
+        deadline, checked = time.time() + 300, 0.0
+        while not checkpointed():  # an epoch Train has registered: what a restarted group resumes from
+            if time.time() - checked > 5:
+                status = subprocess.run([RAY, "job", "status", "train-node-loss"], env=env, capture_output=True,
+                                        text=True, timeout=60)
+                assert "FAILED" not in (status.stdout + status.stderr).upper(), logs()[-5000:]
+                checked = time.time()
+            assert time.time() < deadline, f"no checkpoint within 300 s:\n{logs()[-5000:]}"
+            time.sleep(0.2)
+        _stop(node, signal.SIGKILL)  # one of the two workers dies with its node
+        killed_at = time.time()
+        time.sleep(3)
+        two_nodes["second_node"]()  # a replacement node: the group needs 2 x 0.75 CPU, the head has 1
+        text = _wait_for_end(env, "train-node-loss", killed_at, "training did not finish after the node was lost")
+    finally:
+        subprocess.run([RAY, "job", "stop", "train-node-loss"], env=env, capture_output=True, timeout=120)
+    job_logs = logs()
+    assert "SUCCEEDED" in text, job_logs[-5000:]
+    history = json.loads((out / "fold_0" / "history.json").read_text())
+    done = [h["epochs_done"] for h in history]
+    assert done == list(range(1, epochs + 1)), done  # every epoch once, in order: none redone, none lost
+    restarts = [h["restarts"] for h in history]
+    assert restarts[0] == 0 and restarts[-1] >= 1, restarts  # the group was restarted ...
+    first_after = restarts.index(restarts[-1])
+    assert first_after >= 1, restarts  # ... and went on from a checkpoint, not from epoch 0
+    metrics = json.loads((out / "fold_0" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == epochs and 0.0 <= metrics["ua"] <= 1.0
+    print(json.dumps({"restarts": restarts,
+                      "first_epoch_after_restart": first_after}))
+
+
 def _serve_replicas(env: dict, app: str) -> dict:
     """The head's node id and, per deployment of the Serve app ``app``: its status, target replica count
     and the node ids of its RUNNING replicas (Serve's details and the state API, through the dashboard)."""
