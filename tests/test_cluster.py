@@ -153,6 +153,26 @@ def _wait_for_end(env: dict, submission_id: str, since: float, message: str, lim
         time.sleep(2)
 
 
+def _job_logs(env: dict, submission_id: str) -> str:
+    return subprocess.run([RAY, "job", "logs", submission_id], env=env, capture_output=True, text=True,
+                          timeout=60).stdout
+
+
+def _wait_while_running(env: dict, submission_id: str, done, what: str, *, limit_s: float = 300,
+                        poll_s: float = 0.2) -> None:
+    """Poll ``done()`` every ``poll_s`` (tightly: a kill must land mid-job) until it is true; fail when
+    the job FAILED (checked every 5 s) or after ``limit_s``, with the job's log."""
+    deadline, checked = time.time() + limit_s, 0.0
+    while not done():
+        if time.time() - checked > 5:
+            status = subprocess.run([RAY, "job", "status", submission_id], env=env, capture_output=True,
+                                    text=True, timeout=60)
+            assert "FAILED" not in (status.stdout + status.stderr).upper(), _job_logs(env, submission_id)[-5000:]
+            checked = time.time()
+        assert time.time() < deadline, f"{what} within {limit_s:.0f} s:\n{_job_logs(env, submission_id)[-5000:]}"
+        time.sleep(poll_s)
+
+
 def _task_nodes(env: dict, submission_id: str, name_part: str) -> dict[str, int]:
     """``{node_id: tasks}`` of the finished tasks of a job whose name contains ``name_part`` (state API)."""
     code = textwrap.dedent(f"""
@@ -261,21 +281,14 @@ def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(two_nodes
                 if "/checkpoint_" in obj["Key"]}
 
     def logs() -> str:
-        return subprocess.run([RAY, "job", "logs", "tune-node-loss"], env=env, capture_output=True, text=True,
-                              timeout=60).stdout
+        return _job_logs(env, "tune-node-loss")
 
     try:
-        deadline, checked = time.time() + 300, 0.0
         # both trials have a checkpoint that Train has registered (its snapshot names it): what a restarted
         # run resumes from
-        while len({c.split("/")[0] for c in checkpoints() if c.endswith("checkpoint_manager_snapshot.json")}) < 2:
-            if time.time() - checked > 10:
-                status = subprocess.run([RAY, "job", "status", "tune-node-loss"], env=env, capture_output=True,
-                                        text=True, timeout=60)
-                assert "FAILED" not in (status.stdout + status.stderr).upper(), logs()[-5000:]
-                checked = time.time()
-            assert time.time() < deadline, f"no two trials checkpointed within 300 s:\n{logs()[-5000:]}"
-            time.sleep(0.2)
+        _wait_while_running(env, "tune-node-loss", lambda: len(
+            {c.split("/")[0] for c in checkpoints() if c.endswith("checkpoint_manager_snapshot.json")}) >= 2,
+            "no two trials checkpointed")
         saved = checkpoints()
         _stop(node, signal.SIGKILL)
         killed_at = time.time()
@@ -326,23 +339,15 @@ def test_annotate_job_loses_a_node_and_still_writes_one_row_per_file(two_nodes, 
     def committed() -> int:
         return len(list((out / "files").glob("part-*.parquet"))) if (out / "files").exists() else 0
 
-    deadline, checked = time.time() + 300, 0.0
-    while committed() < 1:  # polled tightly: the kill must land while files are still being labelled
-        if time.time() - checked > 5:
-            status = subprocess.run([RAY, "job", "status", "annotate-node-loss"], env=env, capture_output=True,
-                                    text=True, timeout=60)
-            assert "FAILED" not in (status.stdout + status.stderr).upper(), status.stdout + status.stderr
-            checked = time.time()
-        assert time.time() < deadline, "no batch was committed within 300 s"
-        time.sleep(0.05)
+    # polled tightly: the kill must land while files are still being labelled
+    _wait_while_running(env, "annotate-node-loss", lambda: committed() >= 1, "no batch was committed", poll_s=0.05)
     before = committed()
     _stop(node, signal.SIGKILL)  # the second node dies mid-job
     assert before < n_files + 1, "the job finished before the node was killed"
     killed_at = time.time()
 
     text = _wait_for_end(env, "annotate-node-loss", killed_at, "the job did not finish after the node was lost")
-    logs = subprocess.run([RAY, "job", "logs", "annotate-node-loss"], env=env, capture_output=True, text=True,
-                          timeout=60).stdout
+    logs = _job_logs(env, "annotate-node-loss")
     assert "SUCCEEDED" in text, logs[-4000:]
     files, segments = ResultWriter(str(out)).read_tables()
     assert len(files) == n_files + 1 and files["uri"].is_unique, files[["uri", "status"]]
@@ -401,20 +406,9 @@ def test_two_worker_training_loses_a_node_and_resumes_from_its_checkpoint(two_no
         listed = client.list_objects_v2(Bucket=bucket, Prefix="train-ray/ddp-node-loss-fold0/")
         return any(obj["Key"].endswith("checkpoint_manager_snapshot.json") for obj in listed.get("Contents", []))
 
-    def logs() -> str:
-        return subprocess.run([RAY, "job", "logs", "train-node-loss"], env=env, capture_output=True, text=True,
-                              timeout=60).stdout
-
     try:
-        deadline, checked = time.time() + 300, 0.0
-        while not checkpointed():  # an epoch Train has registered: what a restarted group resumes from
-            if time.time() - checked > 5:
-                status = subprocess.run([RAY, "job", "status", "train-node-loss"], env=env, capture_output=True,
-                                        text=True, timeout=60)
-                assert "FAILED" not in (status.stdout + status.stderr).upper(), logs()[-5000:]
-                checked = time.time()
-            assert time.time() < deadline, f"no checkpoint within 300 s:\n{logs()[-5000:]}"
-            time.sleep(0.2)
+        # an epoch Train has registered: what a restarted group resumes from
+        _wait_while_running(env, "train-node-loss", checkpointed, "no checkpoint")
         _stop(node, signal.SIGKILL)  # one of the two workers dies with its node
         killed_at = time.time()
         time.sleep(3)
@@ -422,8 +416,7 @@ def test_two_worker_training_loses_a_node_and_resumes_from_its_checkpoint(two_no
         text = _wait_for_end(env, "train-node-loss", killed_at, "training did not finish after the node was lost")
     finally:
         subprocess.run([RAY, "job", "stop", "train-node-loss"], env=env, capture_output=True, timeout=120)
-    job_logs = logs()
-    assert "SUCCEEDED" in text, job_logs[-5000:]
+    assert "SUCCEEDED" in text, _job_logs(env, "train-node-loss")[-5000:]
     history = json.loads((out / "fold_0" / "history.json").read_text())
     done = [h["epochs_done"] for h in history]
     assert done == list(range(1, epochs + 1)), done  # every epoch once, in order: none redone, none lost

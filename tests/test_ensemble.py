@@ -269,3 +269,19 @@ def test_export_writes_members_that_compute_the_same_logits(tmp_path, fmt):
         np.testing.assert_allclose(logits, bundle.member_logits(i, waves), atol=1e-4)
         probs = probs + entry["weight"] * sp_softmax(logits / entry["temperature"], axis=1)
     np.testing.assert_allclose(probs, bundle.predict_proba(waves), atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_refusing_a_member_writes_nothing(tmp_path, fmt):
+    """A member whose exported form would differ is refused with its name, and the members before it
+    are not written either: no half ensemble in the output directory."""
+    from ser_ray.ensemble import Bundle, Member
+    from ser_ray.ensemble.export import write_export
+    from ser_ray.models import build_model
+
+    fc = FeatureConfig(kind="logmel", window_s=1.0, n_mels=32, n_fft=512, hop_length=256)
+    bundle = Bundle(["a", "b", "c", "d"], [Member("cnn", build_model("cnn", 4, fc, width=8).eval(), fc, name="cnn"),
+                                           Member("cnn", _BakesItsBatchSize().eval(), fc, name="odd")], window_s=1.0)
+    with pytest.raises(ValueError, match="member 'odd'.*nothing was written"):
+        write_export(bundle, str(tmp_path / "x"), fmt, source="memory")
+    assert not (tmp_path / "x").exists()

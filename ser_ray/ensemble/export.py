@@ -29,22 +29,26 @@ def add_arguments(parser, command_name: str = "export") -> None:
     parser.add_argument("--format", choices=sorted(FORMATS), default="onnx")
 
 
-@torch.inference_mode()
 def export_bundle(bundle_uri: str, out: str, fmt: str = "onnx") -> dict:
-    """Write every member of ``bundle_uri`` in ``fmt`` under ``out``; return export.json's content.
-
-    A member whose converted form does not equal its module (or cannot be converted) is refused with
-    the reason: a file that computes something else must not exist.
-    """
+    """Write every member of ``bundle_uri`` in ``fmt`` under ``out``; return export.json's content."""
     from ser_ray.ensemble.bundle import load_bundle
-    from ser_ray.ensemble.runtime import OnnxRunner, check_equal, check_inputs, to_onnx, to_torchscript
 
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r}: choose one of {sorted(FORMATS)}")
-    bundle = load_bundle(bundle_uri)
-    out_dir = Path(out).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    members = []
+    return write_export(load_bundle(bundle_uri), out, fmt, source=str(bundle_uri))
+
+
+@torch.inference_mode()
+def write_export(bundle, out: str, fmt: str, source: str) -> dict:
+    """``bundle``'s members in ``fmt`` under ``out``, plus export.json.
+
+    Every member is converted and checked before anything is written. A member whose converted form
+    does not equal its module (or cannot be converted) is refused with the reason, and then no file is
+    written at all: a file that computes something else must not exist, nor half an ensemble.
+    """
+    from ser_ray.ensemble.runtime import OnnxRunner, check_equal, check_inputs, to_onnx, to_torchscript
+
+    converted = []
     for m, weight in zip(bundle.members, bundle.weights()):
         inputs = check_inputs(m.feature_config)
         try:
@@ -55,7 +59,13 @@ def export_bundle(bundle_uri: str, out: str, fmt: str = "onnx") -> dict:
             check_equal(runner, inputs, [m.model(x).float() for x in inputs])
         except Exception as exc:
             raise ValueError(f"member {m.name!r} ({m.family}) cannot be exported as {fmt} with equal logits "
-                             f"({type(exc).__name__}: {exc}); serve and annotate run it as it is") from exc
+                             f"({type(exc).__name__}: {exc}); serve and annotate run it as it is; nothing "
+                             "was written") from exc
+        converted.append((m, weight, runner))
+    out_dir = Path(out).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    members = []
+    for m, weight, runner in converted:
         path = out_dir / f"{m.name}{FORMATS[fmt]}"
         if fmt == "onnx":
             path.write_bytes(runner.onnx_bytes)
@@ -66,7 +76,7 @@ def export_bundle(bundle_uri: str, out: str, fmt: str = "onnx") -> dict:
                         "feature_config": m.feature_config.to_dict(), "temperature": float(m.temperature),
                         "weight": float(weight)})
         log.info("member %s -> %s", m.name, path)
-    description = {"format": fmt, "bundle": str(bundle_uri), "labels": bundle.labels,
+    description = {"format": fmt, "bundle": source, "labels": bundle.labels,
                    "sample_rate": bundle.sample_rate, "window_s": bundle.window_s, "members": members,
                    "combine": "sum over members of weight * softmax(logits / temperature)"}
     (out_dir / EXPORT_JSON).write_text(json.dumps(description, indent=1))
