@@ -184,25 +184,51 @@ def test_local_processes_write_the_same_rows_as_ray_data(ray_session, clips_dir,
     assert json.loads(storage.read_bytes(storage.join(local.path, CACHE_JSON)))["strategy"] == "local"
 
 
-def test_cli_prepare_without_ray_forks_local_workers(clips_dir, tmp_path):
-    """`ser-ray prepare` with no Ray running or given starts none: forked worker processes do it."""
+def _prepare_without_ray(manifest: pd.DataFrame, tmp_path, out: str):
+    """`ser-ray prepare` in a fresh process with no Ray to join: (its stdout, the multiprocessing start
+    methods its worker pools used)."""
     import os
     import subprocess
     import sys
 
-    paths = sorted(str(p) for p in clips_dir.glob("*.wav"))
-    manifest_of(paths).to_csv(tmp_path / "m.csv", index=False)
+    manifest.to_csv(tmp_path / "m.csv", index=False)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_ID")}
-    probe = ("import sys, ser_ray.cli, ser_ray.features.pipeline as p; code = ser_ray.cli.main(sys.argv[1:]); "
-             "print('ray started:', 'ray' in sys.modules and sys.modules['ray'].is_initialized(), "
-             "'fork:', p.fork_is_safe()); sys.exit(code)")
+    probe = ("import multiprocessing, sys, ser_ray.cli; methods = []; get = multiprocessing.get_context; "
+             "multiprocessing.get_context = lambda m=None: methods.append(m) or get(m); "
+             "code = ser_ray.cli.main(sys.argv[1:]); "
+             "print('ray started:', 'ray' in sys.modules and sys.modules['ray'].is_initialized(), methods); "
+             "sys.exit(code)")
     done = subprocess.run([sys.executable, "-c", probe, "prepare", "--manifest", str(tmp_path / "m.csv"),
-                           "--out", str(tmp_path / "c"), "--no-progress"],
-                          env=env, capture_output=True, text=True, timeout=120)
+                           "--out", out, "--no-progress"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "20 clips ok, 2 errors" in done.stdout and "ray started: False fork: True" in done.stdout
-    cache = done.stdout.split(":", 1)[0]
+    return done.stdout
+
+
+def test_cli_prepare_without_ray_forks_local_workers(clips_dir, tmp_path):
+    """`ser-ray prepare` with no Ray running or given starts none: forked worker processes do it."""
+    paths = sorted(str(p) for p in clips_dir.glob("*.wav"))
+    out = _prepare_without_ray(manifest_of(paths), tmp_path, str(tmp_path / "c"))
+    assert "20 clips ok, 2 errors" in out and "ray started: False ['fork']" in out
+    cache = out.split(":", 1)[0]
     assert json.loads((Path(cache) / CACHE_JSON).read_text())["strategy"] == "local"
     frame = load_cache_pandas(cache)
     good = frame["error"].isna().to_numpy()
     np.testing.assert_allclose(features_array(frame)[good], reference_features(np.array(paths)[good]), atol=1e-3)
+
+
+def test_cli_prepare_without_ray_on_s3_spawns_local_workers(s3_bucket, emodb_root, tmp_path):
+    """Clips and cache on S3 with no Ray: local workers again, spawned (the AWS SDK the command has
+    started is not fork-safe), and the rows equal the extractor's."""
+    bucket, client = s3_bucket
+    local = sorted(str(p) for p in emodb_root.glob("*.wav"))[::90][:5]
+    uris = []
+    for p in local:
+        client.upload_file(p, bucket, "clips/" + p.rsplit("/", 1)[-1])
+        uris.append(f"s3://{bucket}/clips/" + p.rsplit("/", 1)[-1])
+    out = _prepare_without_ray(manifest_of(uris), tmp_path, f"s3://{bucket}/cache")
+    assert "5 clips ok, 0 errors" in out and "ray started: False ['spawn']" in out
+    cache = out.split(": ", 1)[0]
+    assert json.loads(storage.read_bytes(storage.join(cache, CACHE_JSON)))["strategy"] == "local"
+    frame = load_cache_pandas(cache)
+    assert frame["path"].tolist() == uris
+    np.testing.assert_allclose(features_array(frame), reference_features(local), atol=1e-3)

@@ -35,9 +35,12 @@ def run(args: argparse.Namespace) -> int:
     config = FeatureConfig(kind=args.features, normalize=args.normalize)
     from ser_ray.session import connect, ray_in_use
 
-    if args.strategy != "local" and (args.strategy != "auto" or ray_in_use(args.address)):
+    strategy = args.strategy
+    if strategy == "auto":  # this command's main module is guarded, so local workers can also be spawned
+        strategy = "tasks" if ray_in_use(args.address) else "local"
+    if strategy != "local":
         connect(args.address, dashboard=False)
-    info = prepare(manifest, args.out, config, batch_size=args.batch_size, strategy=args.strategy,
+    info = prepare(manifest, args.out, config, batch_size=args.batch_size, strategy=strategy,
                    progress=not args.no_progress)
     state = "reused" if info.reused else f"written in {info.seconds:.1f} s"
     print(f"{info.path}: {info.n_ok} clips ok, {info.n_error} errors ({state})")

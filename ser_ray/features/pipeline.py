@@ -125,20 +125,18 @@ def _local_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def fork_is_safe() -> bool:
+def fork_is_safe(manifest: pd.DataFrame | None = None, cache_dir: str = "") -> bool:
     """Whether worker processes can be forked from this one: not after torch (its OpenMP pool can
-    deadlock a forked child) or Ray (its threads) have started here. Otherwise they are spawned,
-    which re-imports the caller's main module: a script then needs ``if __name__ == "__main__":``,
-    as for any multiprocessing or PyTorch ``DataLoader`` workers."""
+    deadlock a forked child) or Ray (its threads) have started here, and not with S3 in or out (the
+    AWS SDK, started here by the cache lookup, is not fork-safe). Otherwise they are spawned, which
+    re-imports the caller's main module: a script then needs ``if __name__ == "__main__":``, as for
+    any multiprocessing or PyTorch ``DataLoader`` workers (``ser-ray prepare`` has it)."""
     import sys
 
     ray = sys.modules.get("ray")
-    return (os.name == "posix" and "torch" not in sys.modules
+    s3 = storage.is_s3(cache_dir) or (manifest is not None and any(storage.is_s3(str(p)) for p in manifest["path"]))
+    return (os.name == "posix" and "torch" not in sys.modules and not s3
             and not (ray is not None and ray.is_initialized()))
-
-
-def _start_method() -> str:
-    return "fork" if fork_is_safe() else "spawn"
 
 
 def _write_local(manifest: pd.DataFrame, cache_dir: str, config: FeatureConfig, batch_size: int,
@@ -159,8 +157,9 @@ def _write_local(manifest: pd.DataFrame, cache_dir: str, config: FeatureConfig, 
     fs, path = storage.filesystem_and_path(cache_dir)
     fs.create_dir(path, recursive=True)
     log.info("extracting %s features for %d clips into %s (%d worker processes, %d blocks of <= %d rows, batch %d)",
-             config.kind, len(manifest), cache_dir, workers, len(starts), rows, batch_size)
-    with ProcessPoolExecutor(min(workers, len(starts)), mp_context=multiprocessing.get_context(_start_method()),
+             config.kind, len(manifest), cache_dir, min(workers, len(starts)), len(starts), rows, batch_size)
+    method = "fork" if fork_is_safe(manifest, cache_dir) else "spawn"
+    with ProcessPoolExecutor(min(workers, len(starts)), mp_context=multiprocessing.get_context(method),
                              initializer=_start_local_worker, initargs=(config,)) as pool:
         futures = [pool.submit(_extract_block, manifest.iloc[a:a + rows], config, batch_size,
                                storage.join(cache_dir, f"part-{i:05d}.parquet"))
@@ -233,8 +232,8 @@ def prepare(
     worker processes, Ray Data ``tasks`` (measured faster than actors on CPU, see
     benchmarks/features.py) or ``actors``; ``auto`` takes Ray Data when this process is connected to
     a Ray or has one to join (``RAY_ADDRESS``, ``ray job submit``), else ``local``. Every strategy
-    writes the same rows. (``auto`` also needs workers to be forkable, see ``fork_is_safe``: the
-    ``ser-ray prepare`` command always is.)
+    writes the same rows. (``auto`` also needs workers to be forkable, see ``fork_is_safe``;
+    ``ser-ray prepare`` takes ``local`` whenever no Ray is running or given.)
     """
     if "path" not in manifest.columns:
         raise ValueError("manifest has no 'path' column; build it with `ser-ray manifest`")
@@ -244,12 +243,12 @@ def prepare(
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     from ser_ray.session import ray_in_use
 
-    if strategy == "auto":
-        # forking needs no main-module guard from the caller; where it is unsafe, start Ray as before
-        strategy = "local" if not ray_in_use() and fork_is_safe() else "tasks"
     start = time.perf_counter()
     key = cache_key(manifest, config)
     cache_dir = storage.join(cache_root, key)
+    if strategy == "auto":
+        # forking needs no main-module guard from the caller; where it is unsafe, start Ray as before
+        strategy = "local" if not ray_in_use() and fork_is_safe(manifest, cache_dir) else "tasks"
 
     meta = _read_cache_json(cache_dir)
     if meta is not None:
