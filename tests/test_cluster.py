@@ -381,7 +381,9 @@ def test_two_worker_training_loses_a_node_and_resumes_from_its_checkpoint(two_no
     import yaml
 
     bucket, client = s3_corpus
-    epochs = 6
+    # an epoch takes ~1 s and Train registers a checkpoint on S3 a few epochs after writing it: enough
+    # epochs that the kill lands mid-run (with 6, one full-suite run finished before it)
+    epochs = 20
     config = {
         "family": "cnn", "hparams": {"width": 8}, "epochs": epochs, "batch_size": 8, "patience": 0,
         "num_workers": 2, "cpus_per_worker": 0.75, "max_failures": 2, "name": "ddp-node-loss",
@@ -411,6 +413,9 @@ def test_two_worker_training_loses_a_node_and_resumes_from_its_checkpoint(two_no
         # an epoch Train has registered: what a restarted group resumes from
         _wait_while_running(env, "train-node-loss", checkpointed, "no checkpoint")
         _stop(node, signal.SIGKILL)  # one of the two workers dies with its node
+        status = subprocess.run([RAY, "job", "status", "train-node-loss"], env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert "SUCCEEDED" not in (status.stdout + status.stderr).upper(), "training ended before the kill"
         killed_at = time.time()
         time.sleep(3)
         two_nodes["second_node"]()  # a replacement node: the group needs 2 x 0.75 CPU, the head has 1
