@@ -122,7 +122,14 @@ def _extract_block(block: pd.DataFrame, config: FeatureConfig, batch_size: int, 
 
 
 def _local_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """CPUs this process may use, as a local Ray would count them: a container's CPU quota (cgroups),
+    not the host's cores, which ``os.cpu_count`` reports."""
+    try:
+        from ray._private.utils import get_num_cpus  # the count `ray start` / `ray.init` use
+
+        return max(1, int(get_num_cpus()))
+    except Exception:  # a Ray without it: the affinity mask, which ignores quotas
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def fork_is_safe(manifest: pd.DataFrame | None = None, cache_dir: str = "") -> bool:
