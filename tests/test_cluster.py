@@ -243,7 +243,7 @@ def _only_cache(client, bucket: str) -> str:
 
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(not os.environ.get("SER_RAY_CLUSTER_TUNE"),
-                    reason="opt-in (SER_RAY_CLUSTER_TUNE=1): in 1 of 3 full-suite runs both trials had finished "
+                    reason="opt-in (SER_RAY_CLUSTER_TUNE=1): in 1 of 4 full-suite runs both trials had finished "
                            "before the kill landed (Train registers checkpoints several epochs late), so no "
                            "trial was restarted")
 def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(two_nodes, s3_corpus, tmp_path):
