@@ -147,7 +147,7 @@ def fork_is_safe(manifest: pd.DataFrame | None = None, cache_dir: str = "") -> b
 
 
 def _write_local(manifest: pd.DataFrame, cache_dir: str, config: FeatureConfig, batch_size: int,
-                 progress: bool) -> None:
+                 progress: bool, fork: bool) -> None:
     """The cache's Parquet files from a pool of worker processes, one per CPU.
 
     Blocks are small enough (8 per worker, at least one batch) that the last ones do not leave CPUs
@@ -165,8 +165,8 @@ def _write_local(manifest: pd.DataFrame, cache_dir: str, config: FeatureConfig, 
     fs.create_dir(path, recursive=True)
     log.info("extracting %s features for %d clips into %s (%d worker processes, %d blocks of <= %d rows, batch %d)",
              config.kind, len(manifest), cache_dir, min(workers, len(starts)), len(starts), rows, batch_size)
-    method = "fork" if fork_is_safe(manifest, cache_dir) else "spawn"
-    with ProcessPoolExecutor(min(workers, len(starts)), mp_context=multiprocessing.get_context(method),
+    context = multiprocessing.get_context("fork" if fork else "spawn")
+    with ProcessPoolExecutor(min(workers, len(starts)), mp_context=context,
                              initializer=_start_local_worker, initargs=(config,)) as pool:
         futures = [pool.submit(_extract_block, manifest.iloc[a:a + rows], config, batch_size,
                                storage.join(cache_dir, f"part-{i:05d}.parquet"))
@@ -253,9 +253,10 @@ def prepare(
     start = time.perf_counter()
     key = cache_key(manifest, config)
     cache_dir = storage.join(cache_root, key)
+    forkable = fork_is_safe(manifest, cache_dir)
     if strategy == "auto":
         # forking needs no main-module guard from the caller; where it is unsafe, start Ray as before
-        strategy = "local" if not ray_in_use() and fork_is_safe(manifest, cache_dir) else "tasks"
+        strategy = "local" if not ray_in_use() and forkable else "tasks"
 
     meta = _read_cache_json(cache_dir)
     if meta is not None:
@@ -269,7 +270,7 @@ def prepare(
 
     manifest = manifest.reset_index(drop=True)
     if strategy == "local":
-        _write_local(manifest, cache_dir, config, batch_size, progress)
+        _write_local(manifest, cache_dir, config, batch_size, progress, fork=forkable)
     else:
         _write_with_ray_data(manifest, cache_dir, config, batch_size, num_cpus_per_task, strategy, progress)
 
