@@ -384,8 +384,9 @@ def make_trainer(loop_cfg: dict, datasets: dict, config: TrainConfig, *, name: s
     from ser_ray.session import check_fits
 
     # Ray Train's controller polls its workers every 2 s by default, and a run's start and end each wait
-    # for polls: 0.25 s took a one-epoch fit from 21.8 to 17.1 s here (benchmarks/cv_overhead.py). The
-    # driver's value reaches the controller; set the variable to keep another.
+    # for polls: 0.25 s took a one-epoch EmoDB fit from 21.8 to 17.1 s here, and the fixed cost per fit
+    # in benchmarks/train_overhead.py from 22.7 to 11.0 s. The driver's value reaches the controller;
+    # set the variable to keep another.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     use_gpu = config.use_gpu
     if use_gpu is None:  # auto: a GPU when the cluster has one
