@@ -242,14 +242,11 @@ def _only_cache(client, bucket: str) -> str:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.skipif(not os.environ.get("SER_RAY_CLUSTER_TUNE"),
-                    reason="opt-in (SER_RAY_CLUSTER_TUNE=1): in 1 of 4 full-suite runs both trials had finished "
-                           "before the kill landed (Train registers checkpoints several epochs late), so no "
-                           "trial was restarted")
 def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(two_nodes, s3_corpus, tmp_path):
     """jobs/tune.py with two cnn trials at once (0.75 CPU each: one per node), data and experiment on
-    S3. Once checkpoints exist, the second node is killed and a replacement joins (what an autoscaler
-    does). The trial it held is started again and resumes from its last checkpoint; the search
+    S3. Both trials are held at the start of their third epoch (a test hook in the training loop, after
+    Train has registered their checkpoints), so the kill always lands mid-search: the second node is
+    killed and a replacement joins (what an autoscaler does), then the trials are released. The trial it held is started again and resumes from its last checkpoint; the search
     finishes with both trials ok and every epoch run, and no epoch reported twice in the kept history.
     (Without the replacement the restarted trial waits for the other one's CPU on the head; that
     variant stalled in 1 of 2 full-suite runs, cause not found.)"""
@@ -270,9 +267,12 @@ def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(two_nodes
     config_path.write_text(yaml.safe_dump(config))
     node = two_nodes["second_node"]()
     env = two_nodes["env"]
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    hook = {"env_vars": {"SER_RAY_TEST_HOLD_DIR": str(hold), "SER_RAY_TEST_HOLD_AT_EPOCH": "2"}}
     try:
         job = subprocess.run([RAY, "job", "submit", "--no-wait", "--working-dir", str(REPO), "--submission-id",
-                              "tune-node-loss", "--", "python", "jobs/tune.py", "--config", config_path.name,
+                              "tune-node-loss", "--runtime-env-json", json.dumps(hook), "--", "python", "jobs/tune.py", "--config", config_path.name,
                               "--out", f"s3://{bucket}/tune"], env=env, capture_output=True, text=True, timeout=120)
     finally:
         config_path.unlink()
@@ -287,16 +287,15 @@ def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(two_nodes
         return _job_logs(env, "tune-node-loss")
 
     try:
-        # both trials have a checkpoint that Train has registered (its snapshot names it): what a restarted
-        # run resumes from
-        _wait_while_running(env, "tune-node-loss", lambda: len(
-            {c.split("/")[0] for c in checkpoints() if c.endswith("checkpoint_manager_snapshot.json")}) >= 2,
-            "no two trials checkpointed")
+        # both trials wait at epoch 2 with their checkpoints registered: what a restarted run resumes from
+        _wait_while_running(env, "tune-node-loss", lambda: len(list(hold.glob("held-*"))) >= 2,
+                            "the two trials did not reach epoch 2")
         saved = checkpoints()
         _stop(node, signal.SIGKILL)
         killed_at = time.time()
         time.sleep(3)
         two_nodes["second_node"]()  # a replacement node
+        (hold / "release").write_text("go\n")
         text = _wait_for_end(env, "tune-node-loss", killed_at, "the search did not finish after the node was lost")
     finally:  # a search still running must not hold the cluster for the next test
         subprocess.run([RAY, "job", "stop", "tune-node-loss"], env=env, capture_output=True, timeout=120)

@@ -101,6 +101,7 @@ def train_loop_per_worker(config: dict) -> None:
         if state["stopped"]:
             break
         _maybe_fail(config, epoch, rank)
+        _maybe_hold(epoch, rank)
         if on_epoch_start(core, epoch) and world > 1:  # e.g. wav2vec2 unfroze its transformer
             # a DDP wrapper syncs only what was trainable when built: wrap the same module again
             model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs=ddp_options(core))
@@ -309,6 +310,23 @@ def _maybe_fail(config: dict, epoch: int, rank: int) -> None:
         Path(marker).write_text(f"killed at epoch {epoch}\n")
         log.warning("test hook: killing worker process %d at epoch %d", os.getpid(), epoch)
         os._exit(1)
+
+
+def _maybe_hold(epoch: int, rank: int) -> None:
+    """Test hook (environment, so it reaches the workers of a `ray job submit` job and of every Tune
+    trial): at the start of epoch ``SER_RAY_TEST_HOLD_AT_EPOCH``, once Train has registered the
+    checkpoints reported so far, write ``held-<pid>`` into ``SER_RAY_TEST_HOLD_DIR`` and wait there until
+    that folder holds ``release``. A test then kills a node while every run is mid-training."""
+    folder = os.environ.get("SER_RAY_TEST_HOLD_DIR")
+    if not folder or rank != 0 or os.environ.get("SER_RAY_TEST_HOLD_AT_EPOCH") != str(epoch):
+        return
+    import ray.train
+
+    ray.train.get_all_reported_checkpoints(timeout_s=120)
+    Path(folder, f"held-{os.getpid()}").write_text(f"epoch {epoch}\n")
+    deadline = time.monotonic() + 600
+    while not Path(folder, "release").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 # -- driver side -----------------------------------------------------------------------------------
