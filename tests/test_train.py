@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -216,15 +217,60 @@ def test_cv_writes_the_result_directory(ray_session, tmp_path):
     assert saved["folds_run"] == [0, 1] and summary["ua"]["mean"] == pytest.approx(
         np.mean([metrics["ua"], json.loads((out / "fold_1" / "metrics.json").read_text())["ua"]]))
 
-    # a fold trained alone gives what it gave beside another fold (same seed, data and threads)
-    alone = tmp_path / "cv-alone"
-    run_cv(dataclasses.replace(cfg, concurrent_folds=1), alone, folds=[1])
-    for name in ("ua", "confusion", "best_epoch"):
-        assert json.loads((alone / "fold_1" / "metrics.json").read_text())[name] == \
-            json.loads((out / "fold_1" / "metrics.json").read_text())[name]
+    # both folds one after another in ONE Ray Train run give what each gave in its own run beside the
+    # other (same seed, data and threads), and what the one-model path (`fit`: `ser-ray train`,
+    # cross-corpus) gives for the same fold
+    from ser_ray.models import family_feature_config
+    from ser_ray.train.cv import run_fold
+    from ser_ray.train.data import assign_folds, feature_rows, fold_frames, label_mapped, load_manifest
+
+    one_run = tmp_path / "cv-one-run"
+    run_cv(dataclasses.replace(cfg, concurrent_folds=1), one_run, max_folds=2)
+    assert len(list((one_run / "ray").glob("*-folds-0-1"))) == 1  # one run trained both folds
+    manifest, labels = label_mapped(load_manifest(cfg), cfg.label_map)
+    manifest, _ = assign_folds(manifest, "loso", cfg.data.k, cfg.seed)
+    feature_config = family_feature_config("cnn", FeatureConfig(**cfg.data.features))
+    rows, _ = feature_rows(manifest, feature_config, str(out / "cache"))
+    tr, va, te = fold_frames(manifest, "loso", 1, cfg.data.val_fraction, cfg.seed).with_features(rows, keep_failed=True)
+    run_fold(1, tr, va, te, labels, feature_config, cfg, tmp_path / "fit-fold1" / "fold_1", run_name="fit-fold1",
+             storage_path=str(tmp_path / "fit-ray"))
     probs = [c for c in predictions.columns if c.startswith("prob_")]
-    np.testing.assert_allclose(pd.read_parquet(alone / "fold_1" / "predictions.parquet")[probs],
-                               pd.read_parquet(out / "fold_1" / "predictions.parquet")[probs], atol=1e-6)
+    for other, fold in ((one_run, 0), (one_run, 1), (tmp_path / "fit-fold1", 1)):
+        for name in ("ua", "confusion", "best_epoch", "epochs_run"):
+            assert json.loads((other / f"fold_{fold}" / "metrics.json").read_text())[name] == \
+                json.loads((out / f"fold_{fold}" / "metrics.json").read_text())[name], (other, fold, name)
+        np.testing.assert_allclose(pd.read_parquet(other / f"fold_{fold}" / "predictions.parquet")[probs],
+                                   pd.read_parquet(out / f"fold_{fold}" / "predictions.parquet")[probs], atol=1e-6)
+
+
+def test_folds_in_one_run_resume_the_fold_that_was_killed(ray_session, tmp_path):
+    """Two folds in one Ray Train run; the worker is killed at epoch 1 of the second fold. The restarted
+    group does not train the first fold again and resumes the second from its last checkpoint."""
+    from ser_ray.models import load_model
+    from ser_ray.train.loop import fit_folds
+
+    cfg = TrainConfig(family="cnn", hparams={"width": 8}, epochs=3, batch_size=16, lr=3e-3, max_failures=1,
+                      cpus_per_worker=1)
+    folds = {0: (separable_rows([1, 2, 3]), separable_rows([4], seed=1)),
+             1: (separable_rows([2, 3, 4]), separable_rows([1], seed=1))}
+    marker = tmp_path / "killed.txt"
+    results = fit_folds(folds, LABELS, TINY, cfg, name="two-folds", storage_path=str(tmp_path / "ray"),
+                        extra_loop_config={"fail_at_epoch": 1, "fail_at_fold": 1, "fail_marker": str(marker)})
+    assert marker.exists(), "the test hook never killed the worker"
+    assert sorted(results) == [0, 1]
+    # fold 0 finished before the kill and was not trained again after it
+    fold0 = Path(results[0].path) / "result.json"
+    assert fold0.stat().st_mtime < marker.stat().st_mtime
+    assert [h["restarts"] for h in results[0].history] == [0, 0, 0]
+    # fold 1: epoch 0 once before the kill, 1 and 2 after resuming
+    assert [h["epoch"] for h in results[1].history] == [0, 1, 2]
+    assert [h["restarts"] for h in results[1].history] == [0, 1, 1]
+    assert all(h["fold"] == 1 for h in results[1].history)
+    for fold, result in results.items():
+        best = max(result.history, key=lambda h: (h["val_ua"], -h["val_loss"]))
+        assert result.best_metrics["epoch"] == best["epoch"], fold
+        model, meta = load_model(result.best_checkpoint)
+        assert meta.extra["epoch"] == best["epoch"] and meta.labels == LABELS
 
 
 def test_fold_concurrency_follows_the_cluster_and_the_setting(ray_session):

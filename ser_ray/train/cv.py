@@ -59,14 +59,22 @@ def run_fold(
     extra_loop_config: dict | None = None,
 ) -> dict:
     """Train on ``train_df``, select on ``val_df``, evaluate on ``test_df``; write ``fold_dir``; return metrics."""
-    from ser_ray.models import load_model, save_model
-    from ser_ray.report.plots import plot_learning_curves
-    from ser_ray.train.evaluate import predict
     from ser_ray.train.loop import fit
 
     start = time.perf_counter()
     result = fit(train_df, val_df, labels, feature_config, config, name=run_name,
                  storage_path=storage_path, extra_loop_config=extra_loop_config)
+    return finish_fold(fold, result, train_df, val_df, test_df, labels, config, fold_dir, start=start)
+
+
+def finish_fold(fold: int, result, train_df: pd.DataFrame, val_df: pd.DataFrame, test_df: pd.DataFrame,
+                labels: list[str],
+                config: TrainConfig, fold_dir: Path, *, start: float) -> dict:
+    """A trained fold (``result``: its best model) scored on ``test_df`` and written to ``fold_dir``."""
+    from ser_ray.models import load_model, save_model
+    from ser_ray.report.plots import plot_learning_curves
+    from ser_ray.train.evaluate import predict
+
     predictions = predict(result.best_checkpoint, test_df, batch_size=max(64, config.batch_size))
     metrics = classification_metrics(predictions["true"], predictions["pred"], labels)
     probs = predictions[[f"prob_{label}" for label in labels]].to_numpy()
@@ -199,24 +207,46 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
             done[f] = json.loads(result.fold_file(f, "metrics.json").read_text())
     todo = [f for f in chosen if f not in done]
 
-    def one_fold(f: int) -> dict:
+    def frames(f: int):
         tr, va, te = splits[f].with_features(rows, keep_failed=True)
         log.info("fold %d/%d: train %d clips (%d speakers), val %d (%d), test %d (%s)", f + 1, n_folds,
                  len(tr), tr["speaker"].nunique(), len(va), va["speaker"].nunique(), len(te),
                  ", ".join(speaker_list(te)[:4]) + ("..." if te["speaker"].nunique() > 4 else ""))
-        return run_fold(f, tr, va, te, labels, feature_config, config, result.fold_dir(f),
+        return tr, va, te
+
+    def one_fold(f: int) -> dict:  # a classical fit: seconds in this process
+        return run_fold(f, *frames(f), labels, feature_config, config, result.fold_dir(f),
                         run_name=f"{run_id}-fold{f}", storage_path=storage_path)
 
-    # Folds are independent runs: several at once keep the cluster busy and overlap each run's fixed
-    # start-up (worker group, datasets) with other folds' epochs. Each fold's result is the same as
-    # when it runs alone (same seed, data and threads).
-    at_once = fold_concurrency(config, len(todo))
-    if at_once > 1:
-        log.info("%d folds to train, %d at a time", len(todo), at_once)
-        with ThreadPoolExecutor(at_once, thread_name_prefix="fold") as pool:
-            done.update(zip(todo, pool.map(one_fold, todo)))
-    else:
+    def fold_group(group: list[int]) -> list[dict]:
+        """A deep family's folds, one after another in one Ray Train run (its start-up paid once)."""
+        from ser_ray.train.loop import fit_folds
+
+        start = time.perf_counter()
+        parts = {f: frames(f) for f in group}
+        trained = fit_folds({f: (tr, va) for f, (tr, va, _) in parts.items()}, labels, feature_config, config,
+                            name=f"{run_id}-folds-" + "-".join(map(str, group)), storage_path=storage_path)
+        out = []
+        for f in group:
+            out.append(finish_fold(f, trained[f], *parts[f], labels, config, result.fold_dir(f),
+                                   start=start))
+            start = time.perf_counter()
+        return out
+
+    from ser_ray.models.classical import is_classical
+
+    if is_classical(config.family):
         done.update((f, one_fold(f)) for f in todo)
+    elif todo:
+        # Folds run in groups, each group one Ray Train run that trains its folds one after another:
+        # the worker group's start-up is paid once per group, and groups run at once as the cluster
+        # holds them. Each fold's result is the same as when it runs alone (same seed, data, threads).
+        at_once = fold_concurrency(config, len(todo))
+        groups = [todo[i::at_once] for i in range(at_once)]
+        log.info("%d folds to train in %d Ray Train run(s) at once: %s", len(todo), at_once, groups)
+        with ThreadPoolExecutor(at_once, thread_name_prefix="folds") as pool:
+            for group, metrics in zip(groups, pool.map(fold_group, groups)):
+                done.update(zip(group, metrics))
     all_metrics = [done[f] for f in chosen]
 
     confusion = np.sum([np.asarray(m["confusion"]) for m in all_metrics], axis=0)

@@ -12,6 +12,7 @@ materialised Ray Datasets -> ``TorchTrainer.fit()`` -> :class:`TrainResult`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ from ser_ray.train.config import EPOCHS, TrainConfig, config_to_plain
 log = logging.getLogger(__name__)
 
 TRAIN_STATE = "train_state.pt"  # optimizer/scheduler/scaler state, epoch and history, next to the model
+FOLD_RESULT = "result.json"  # a fold's best metrics and history, written by fit_folds' worker when the fold ends
 LOCAL_SHUFFLE_ROWS = 2048  # rows in the per-worker shuffle buffer (datasets are shuffled once up front too)
 
 
@@ -38,12 +40,48 @@ LOCAL_SHUFFLE_ROWS = 2048  # rows in the per-worker shuffle buffer (datasets are
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Train one model on this worker's shards of the ``train`` and ``val`` datasets.
+    """Train one model on this worker's shards of the ``train`` and ``val`` datasets, or with
+    ``config["folds"]`` one model per cross-validation fold, one fold after another.
 
     ``config``: ``train`` (TrainConfig as dict), ``labels``, ``feature_config`` (dict),
     ``class_counts`` (training clips per label) and the test-only ``fail_at_epoch`` /
     ``fail_marker`` (exit the worker process once at the start of that epoch).
     """
+    import ray.train
+
+    if config.get("folds"):
+        _train_folds(config)
+    else:
+        _train_run(config, ray.train.get_checkpoint())
+
+
+def _train_folds(config: dict) -> None:
+    """Cross-validation folds in one worker group, so the group's start-up is paid once (see
+    ``fit_folds``). ``config["folds"]``: per fold ``fold``, ``class_counts`` and ``out`` (where the
+    fold's best model and ``result.json`` go); its datasets are ``train_<fold>`` and ``val_<fold>``. A
+    restarted group skips the folds its checkpoint lists as done and resumes the fold it was training."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    resumed_fold, done = None, []
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=False)["state"]
+        resumed_fold, done = state.get("fold"), list(state.get("done_folds", []))
+    for spec in config["folds"]:
+        fold = spec["fold"]
+        if fold in done:
+            continue
+        run = {**config, "class_counts": spec["class_counts"], "current_fold": fold}
+        _train_run(run, checkpoint if fold == resumed_fold else None,
+                   fold={"fold": fold, "done_folds": list(done), "out": spec["out"]})
+        done.append(fold)
+
+
+def _train_run(config: dict, checkpoint, fold: dict | None = None) -> None:
+    """One model: resume from ``checkpoint`` if given, train, report every epoch. With ``fold`` (see
+    ``_train_folds``) it reads that fold's datasets, tags its reports, and keeps the fold's best
+    epoch itself (in ``fold["out"]``): Ray Train's checkpoints of such a run are for resuming only."""
     import ray.train
     import ray.train.torch
     from safetensors.torch import load_file
@@ -65,7 +103,6 @@ def train_loop_per_worker(config: dict) -> None:
     use_amp = cuda and cfg.amp is not False  # AMP only ever on CUDA
 
     model = build_model(cfg.family, len(labels), feature_config, **cfg.hparams)
-    checkpoint = ray.train.get_checkpoint()
     resumed: dict | None = None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -85,6 +122,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     state = {"epoch": 0, "history": [], "best_val_ua": -1.0, "best_epoch": -1, "bad_epochs": 0, "stopped": False,
              "restarts": 0}
+    if fold is not None:
+        state.update(fold=fold["fold"], done_folds=fold["done_folds"], best_key=None)
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
@@ -93,8 +132,9 @@ def train_loop_per_worker(config: dict) -> None:
         state["restarts"] = state.get("restarts", 0) + 1
         log.info("rank %d: resuming at epoch %d from %s", rank, state["epoch"], checkpoint.path)
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    suffix = "" if fold is None else f"_{fold['fold']}"
+    train_shard = ray.train.get_dataset_shard("train" + suffix)
+    val_shard = ray.train.get_dataset_shard("val" + suffix)
     dtypes = {"features": torch.float32, "label": torch.int64}
 
     for epoch in range(state["epoch"], cfg.epochs):
@@ -173,10 +213,27 @@ def train_loop_per_worker(config: dict) -> None:
             "replicas_in_sync": _replicas_in_sync(core),
             "epoch_s": time.perf_counter() - start,
         }
+        if fold is not None:
+            metrics["fold"] = fold["fold"]
+            # the best epoch as train_result picks it from a run's checkpoints: val UA, then val loss
+            key = [metrics["val_ua"], -metrics["val_loss"]]
+            if rank == 0 and (state["best_key"] is None or key > state["best_key"]):
+                from ser_ray import storage
+                from ser_ray.models import save_model
+
+                save_model(storage.join(fold["out"], "model"), core, family=cfg.family, hparams=cfg.hparams, labels=labels,
+                           feature_config=feature_config, extra={"epoch": epoch, "val_ua": metrics["val_ua"]})
+                state.update(best_key=key, best_metrics=dict(metrics))
         state["history"].append(metrics)
         _report(metrics, rank, core, cfg, labels, feature_config, optimizer, scheduler, scaler, state)
         if state["stopped"]:
             log.info("early stop after epoch %d: no better val UA for %d epochs", epoch, cfg.patience)
+    if fold is not None and rank == 0:  # result.json last: the fold's model is final
+        from ser_ray import storage
+
+        storage.write_bytes(storage.join(fold["out"], FOLD_RESULT), json.dumps(
+            {"fold": fold["fold"], "best_metrics": state.get("best_metrics"), "history": state["history"]},
+            default=float).encode())
 
 
 def _mixup(x: torch.Tensor, alpha: float, rng: np.random.Generator):
@@ -299,9 +356,11 @@ def _all_sum(values: list[torch.Tensor]) -> tuple[float, float, int]:
 
 
 def _maybe_fail(config: dict, epoch: int, rank: int) -> None:
-    """Test hook: kill this worker process once, at the start of ``fail_at_epoch``."""
+    """Test hook: kill this worker process once, at the start of ``fail_at_epoch`` (of fold
+    ``fail_at_fold`` when given, in a multi-fold run)."""
     marker = config.get("fail_marker")
-    if config.get("fail_at_epoch") == epoch and rank == 0 and marker and not os.path.exists(marker):
+    fold_matches = config.get("fail_at_fold") in (None, config.get("current_fold"))
+    if config.get("fail_at_epoch") == epoch and fold_matches and rank == 0 and marker and not os.path.exists(marker):
         import ray.train
 
         # wait until Train has registered the checkpoints reported so far: a crash is then
@@ -393,7 +452,7 @@ def loop_config(config: TrainConfig, labels: list[str], feature_config: FeatureC
 
 
 def make_trainer(loop_cfg: dict, datasets: dict, config: TrainConfig, *, name: str, storage_path: str,
-                 callbacks: list | None = None):
+                 callbacks: list | None = None, keep_latest_only: bool = False):
     """The ``TorchTrainer`` for one run (Tune wraps this with its own callbacks)."""
     import ray
     import ray.train
@@ -425,12 +484,16 @@ def make_trainer(loop_cfg: dict, datasets: dict, config: TrainConfig, *, name: s
             name=name,
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_ua", checkpoint_score_order="max"
-            ),
+            # the best two by val UA (the run's result); a multi-fold run keeps each fold's best itself and
+            # its checkpoints only resume it, so the latest is the one to keep
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1) if keep_latest_only else
+            ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_ua", checkpoint_score_order="max"),
             callbacks=callbacks,
         ),
         datasets=datasets,
+        # one worker reads whole datasets: no streaming split, so no SplitCoordinator actor (a process
+        # start, ~1 s of CPU) per dataset per run; several workers split train and val between them
+        dataset_config=ray.train.DataConfig(datasets_to_split="all" if config.num_workers > 1 else []),
     )
 
 
@@ -474,6 +537,57 @@ def fit(
              config.family, len(train_df), len(val_df), len(labels), config.epochs, storage_path, name)
     result = make_trainer(loop_cfg, datasets, config, name=name, storage_path=storage_path).fit()
     return train_result(result, labels, config)
+
+
+def fit_folds(
+    folds: dict[int, tuple[pd.DataFrame, pd.DataFrame]],
+    labels: list[str],
+    feature_config: FeatureConfig,
+    config: TrainConfig,
+    *,
+    name: str,
+    storage_path: str,
+    extra_loop_config: dict | None = None,
+) -> dict[int, TrainResult]:
+    """``fit`` for several cross-validation folds (fold -> ``(train_df, val_df)``) in ONE Ray Train run.
+
+    The worker group trains the folds one after another, each exactly as ``fit`` would (same seed,
+    data order, threads and best-epoch rule), so the group's start-up (controller, worker processes,
+    torch imports, datasets: ~10 s) is paid once per run instead of once per fold. Each fold's best
+    model goes to ``<run>/fold_<i>/model`` with ``result.json``; rerunning with the same name resumes
+    the run (finished folds are skipped, the current one resumes from its last checkpoint).
+    """
+    from ser_ray import storage
+
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).expanduser().resolve())
+    run_dir = storage.join(storage_path, name)
+    datasets, specs = {}, []
+    for f, (train_df, val_df) in folds.items():
+        train_df = usable_rows(train_df, f"fold {f} training set")
+        val_df = usable_rows(val_df, f"fold {f} validation set")
+        datasets[f"train_{f}"] = make_dataset(train_df, labels, shuffle_seed=config.seed)
+        datasets[f"val_{f}"] = make_dataset(val_df, labels)
+        counts = loop_config(config, labels, feature_config, train_df)["class_counts"]
+        specs.append({"fold": int(f), "class_counts": counts, "out": storage.join(run_dir, f"fold_{f}")})
+    loop_cfg = {**loop_config(config, labels, feature_config, pd.DataFrame({"emotion": []})),
+                **(extra_loop_config or {}), "folds": specs}
+    log.info("training %s on folds %s in one worker group, up to %d epochs each -> %s", config.family,
+             [spec["fold"] for spec in specs], config.epochs, run_dir)
+    result = make_trainer(loop_cfg, datasets, config, name=name, storage_path=storage_path,
+                          keep_latest_only=True).fit()
+    if result.error is not None:
+        raise RuntimeError(f"training run {result.path} failed: {result.error}") from result.error
+    out = {}
+    for spec in specs:
+        uri = storage.join(spec["out"], FOLD_RESULT)
+        if not storage.exists(uri):
+            raise RuntimeError(f"training run {result.path}: fold {spec['fold']} wrote no {FOLD_RESULT}")
+        fold_result = json.loads(storage.read_bytes(uri))
+        out[spec["fold"]] = TrainResult(best_checkpoint=storage.join(spec["out"], "model"),
+                                        best_metrics=fold_result["best_metrics"], history=fold_result["history"],
+                                        path=spec["out"], labels=list(labels), config=config_to_plain(config))
+    return out
 
 
 def train_result(result, labels: list[str], config: TrainConfig) -> TrainResult:
