@@ -1,4 +1,4 @@
-"""Cross-validation wall time: `ser-ray cv` (Ray Train per fold) vs a bare PyTorch loop over the same folds.
+"""Cross-validation wall time: `ser-ray cv` (Ray Train) vs a bare PyTorch loop over the same folds.
 
     python benchmarks/cv_overhead.py                          # EmoDB LOSO at ../shared/data/emodb, cnn
     python benchmarks/cv_overhead.py --epochs 5 --max-folds 4
@@ -7,7 +7,8 @@ Both train the same model family on the same cached features, fold by fold (LOSO
 speaker-disjoint train / validation / test split per fold), for the same epochs with early stopping
 off, validate every epoch and predict each fold's test speakers. The bare loop runs the folds one
 after another in this process with ``--cpus`` torch threads (a DataLoader, no Ray); ``run_cv`` runs
-them as it does for users (one Ray Train run per fold, as many at once as the CPUs hold, 1 CPU each,
+them as it does for users (folds in groups, one Ray Train run per group training its folds one after
+another, as many groups at once as the CPUs hold, 1 CPU each,
 ``--concurrent-folds`` to force a number), writing every result file. The feature cache is built
 first and is not timed. Prints both wall times and their ratio (target <= 1.3).
 """
@@ -87,7 +88,7 @@ def main() -> None:
     start = time.perf_counter()
     summary = run_cv(cfg, work / "cv", max_folds=args.max_folds)
     served = time.perf_counter() - start
-    print(f"ser-ray cv (Ray Train per fold, result files written): {served:.1f} s, UA {summary['ua']['mean']:.3f}")
+    print(f"ser-ray cv (Ray Train, a run per group of folds, result files written): {served:.1f} s, UA {summary['ua']['mean']:.3f}")
     print(f"ratio {served / bare:.2f} (target <= 1.3)")
     ray.shutdown()
 
