@@ -409,7 +409,7 @@ def test_two_worker_training_loses_a_node_and_resumes_from_its_checkpoint(two_no
     assert job.returncode == 0, job.stdout + job.stderr
 
     def checkpointed() -> bool:
-        listed = client.list_objects_v2(Bucket=bucket, Prefix="train-ray/ddp-node-loss-fold0/")
+        listed = client.list_objects_v2(Bucket=bucket, Prefix="train-ray/ddp-node-loss-folds-0/")
         return any(obj["Key"].endswith("checkpoint_manager_snapshot.json") for obj in listed.get("Contents", []))
 
     try:
