@@ -246,8 +246,9 @@ def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(two_nodes
     """jobs/tune.py with two cnn trials at once (0.75 CPU each: one per node), data and experiment on
     S3. Both trials are held at the start of their third epoch (a test hook in the training loop, after
     Train has registered their checkpoints), so the kill always lands mid-search: the second node is
-    killed and a replacement joins (what an autoscaler does), then the trials are released. The trial it held is started again and resumes from its last checkpoint; the search
-    finishes with both trials ok and every epoch run, and no epoch reported twice in the kept history.
+    killed and a replacement joins (what an autoscaler does), then the trials are released. The trial it
+    held is started again and resumes from its last checkpoint; the search finishes with both trials ok
+    and every epoch run, and no epoch reported twice in the kept history.
     (Without the replacement the restarted trial waits for the other one's CPU on the head; that
     variant stalled in 1 of 2 full-suite runs, cause not found.)"""
     import yaml
@@ -272,7 +273,8 @@ def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(two_nodes
     hook = {"env_vars": {"SER_RAY_TEST_HOLD_DIR": str(hold), "SER_RAY_TEST_HOLD_AT_EPOCH": "2"}}
     try:
         job = subprocess.run([RAY, "job", "submit", "--no-wait", "--working-dir", str(REPO), "--submission-id",
-                              "tune-node-loss", "--runtime-env-json", json.dumps(hook), "--", "python", "jobs/tune.py", "--config", config_path.name,
+                              "tune-node-loss", "--runtime-env-json", json.dumps(hook), "--", "python",
+                              "jobs/tune.py", "--config", config_path.name,
                               "--out", f"s3://{bucket}/tune"], env=env, capture_output=True, text=True, timeout=120)
     finally:
         config_path.unlink()

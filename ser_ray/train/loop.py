@@ -215,8 +215,7 @@ def _train_run(config: dict, checkpoint, fold: dict | None = None) -> None:
         }
         if fold is not None:
             metrics["fold"] = fold["fold"]
-            # the best epoch as train_result picks it from a run's checkpoints: val UA, then val loss
-            key = [metrics["val_ua"], -metrics["val_loss"]]
+            key = epoch_rank(metrics)  # the best epoch as train_result picks it from a run's checkpoints
             if rank == 0 and (state["best_key"] is None or key > state["best_key"]):
                 from ser_ray import storage
                 from ser_ray.models import save_model
@@ -440,15 +439,20 @@ def usable_rows(df: pd.DataFrame, what: str) -> pd.DataFrame:
     return df
 
 
-def loop_config(config: TrainConfig, labels: list[str], feature_config: FeatureConfig, train_df: pd.DataFrame) -> dict:
-    """The ``train_loop_config`` of a run: everything the worker needs, as plain values."""
+def loop_config(config: TrainConfig, labels: list[str], feature_config: FeatureConfig,
+                train_df: pd.DataFrame | None) -> dict:
+    """The ``train_loop_config`` of a run: everything the worker needs, as plain values (``train_df``
+    None: no class counts, as for a multi-fold run, whose folds carry their own)."""
+    out = {"train": config_to_plain(config), "labels": list(labels), "feature_config": feature_config.to_dict()}
+    if train_df is not None:
+        out["class_counts"] = class_counts(train_df, labels)
+    return out
+
+
+def class_counts(train_df: pd.DataFrame, labels: list[str]) -> dict[str, int]:
+    """Training clips per label (the worker's class weights come from these)."""
     counts = train_df["emotion"].value_counts()
-    return {
-        "train": config_to_plain(config),
-        "labels": list(labels),
-        "feature_config": feature_config.to_dict(),
-        "class_counts": {label: int(counts.get(label, 0)) for label in labels},
-    }
+    return {label: int(counts.get(label, 0)) for label in labels}
 
 
 def make_trainer(loop_cfg: dict, datasets: dict, config: TrainConfig, *, name: str, storage_path: str,
@@ -518,9 +522,7 @@ def fit(
     from ser_ray.models.classical import is_classical
 
     name = name or config.name or f"{config.family}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    storage_path = storage_path or config.storage_path or str(Path("~/ser-ray-results").expanduser())
-    if "://" not in storage_path:
-        storage_path = str(Path(storage_path).expanduser().resolve())
+    storage_path = storage_root(storage_path or config.storage_path or "~/ser-ray-results")
     if is_classical(config.family):  # seconds of scikit-learn: no worker group (see train.classical)
         from ser_ray.train.classical import fit_classical
 
@@ -559,8 +561,7 @@ def fit_folds(
     """
     from ser_ray import storage
 
-    if "://" not in storage_path:
-        storage_path = str(Path(storage_path).expanduser().resolve())
+    storage_path = storage_root(storage_path)
     run_dir = storage.join(storage_path, name)
     datasets, specs = {}, []
     for f, (train_df, val_df) in folds.items():
@@ -568,16 +569,13 @@ def fit_folds(
         val_df = usable_rows(val_df, f"fold {f} validation set")
         datasets[f"train_{f}"] = make_dataset(train_df, labels, shuffle_seed=config.seed)
         datasets[f"val_{f}"] = make_dataset(val_df, labels)
-        counts = loop_config(config, labels, feature_config, train_df)["class_counts"]
-        specs.append({"fold": int(f), "class_counts": counts, "out": storage.join(run_dir, f"fold_{f}")})
-    loop_cfg = {**loop_config(config, labels, feature_config, pd.DataFrame({"emotion": []})),
-                **(extra_loop_config or {}), "folds": specs}
+        specs.append({"fold": int(f), "class_counts": class_counts(train_df, labels),
+                      "out": storage.join(run_dir, f"fold_{f}")})
+    loop_cfg = {**loop_config(config, labels, feature_config, None), **(extra_loop_config or {}), "folds": specs}
     log.info("training %s on folds %s in one worker group, up to %d epochs each -> %s", config.family,
              [spec["fold"] for spec in specs], config.epochs, run_dir)
-    result = make_trainer(loop_cfg, datasets, config, name=name, storage_path=storage_path,
-                          keep_latest_only=True).fit()
-    if result.error is not None:
-        raise RuntimeError(f"training run {result.path} failed: {result.error}") from result.error
+    result = _finished(make_trainer(loop_cfg, datasets, config, name=name, storage_path=storage_path,
+                                    keep_latest_only=True).fit())
     out = {}
     for spec in specs:
         uri = storage.join(spec["out"], FOLD_RESULT)
@@ -590,14 +588,30 @@ def fit_folds(
     return out
 
 
-def train_result(result, labels: list[str], config: TrainConfig) -> TrainResult:
-    """A :class:`TrainResult` from a finished ``ray.train.Result`` (best epoch by val UA, then val loss)."""
+def storage_root(storage_path: str) -> str:
+    """Ray Train's ``storage_path``: a URI as given, a local path absolute (``~`` expanded)."""
+    return storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
+
+
+def _finished(result):
+    """``result`` of a run that ended without an error; its error raised otherwise."""
     if result.error is not None:
         raise RuntimeError(f"training run {result.path} failed: {result.error}") from result.error
+    return result
+
+
+def epoch_rank(metrics: dict) -> tuple[float, float]:
+    """How epochs rank when the best one is chosen: validation UA, then the lower validation loss."""
+    return metrics["val_ua"], -metrics["val_loss"]
+
+
+def train_result(result, labels: list[str], config: TrainConfig) -> TrainResult:
+    """A :class:`TrainResult` from a finished ``ray.train.Result`` (best epoch by ``epoch_rank``)."""
+    _finished(result)
     candidates = list(result.best_checkpoints or [])
     if not candidates:
         raise RuntimeError(f"training run {result.path} reported no checkpoint")
-    best_ckpt, best_metrics = max(candidates, key=lambda cm: (cm[1]["val_ua"], -cm[1]["val_loss"]))
+    best_ckpt, best_metrics = max(candidates, key=lambda cm: epoch_rank(cm[1]))
     history = _history(result)
     return TrainResult(
         best_checkpoint=checkpoint_uri(best_ckpt),
