@@ -1,11 +1,14 @@
-"""A real two-node Ray cluster on this machine (``ray start --head`` + ``ray start --address``, each its
-own ports, temp dir and process group) and a node lost in the middle of a job.
+"""A real Ray cluster on this machine: a head with no CPUs (the job server, GCS, dashboard, Serve's
+controller and proxy, the jobs' drivers) and two worker nodes of one CPU each (``ray start --head`` +
+``ray start --address``, each its own ports, temp dir and process group), so every task, actor and
+replica runs on a worker node; and a worker node lost in the middle of a job.
 
 On one machine this shows correctness across nodes, not speed-up.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -28,6 +31,7 @@ from ser_ray.annotate.writer import ResultWriter
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 LABELS = ["anger", "happiness", "neutral", "sadness"]
+WORKER_NODES = 2
 
 
 def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -50,31 +54,48 @@ def _stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
             proc.wait(timeout=30)
 
 
-def _alive_nodes(env: dict, address: str) -> int:
-    code = (f"import ray; ray.init(address={address!r}, log_to_driver=False); "
-            "print(sum(n['Alive'] for n in ray.nodes()))")
+def _alive_nodes(env: dict, address: str) -> dict[str, str]:
+    """``{node_id: raylet socket path}`` (it lies in the node's temp dir) of the cluster's alive nodes
+    ({} while it does not answer)."""
+    code = (f"import json, ray; ray.init(address={address!r}, log_to_driver=False); "
+            "print(json.dumps({n['NodeID']: n['RayletSocketName'] for n in ray.nodes() if n['Alive']}))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else {}
+
+
+@dataclasses.dataclass
+class WorkerNode:
+    proc: subprocess.Popen
+    temp_dir: str
+    node_id: str
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the node's whole process group: raylet, object store and workers."""
+        _stop(self.proc, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
-def two_nodes(s3_server, tmp_path_factory):
-    """A head (1 CPU, the job server) and a second node (1 CPU, resource ``second_node``); both see the
-    loopback S3 server (its endpoint and credentials are in the environment they start with), which
-    stands for the storage of nodes that share no disk."""
+def cluster(s3_server, tmp_path_factory):
+    """A head with 0 CPUs and two worker nodes of 1 CPU each; all see the loopback S3 server (its
+    endpoint and credentials are in the environment they start with), which stands for the storage of
+    nodes that share no disk. ``cluster["workers"]()`` gives the two running worker nodes, starting a
+    replacement for any a test killed (what an autoscaler does)."""
     logs = tmp_path_factory.mktemp("cluster-logs")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     port, dash = free_port(), free_port()
     head_tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths have a length limit
-    head = _start(["--head", "--num-cpus=1", f"--port={port}", "--include-dashboard=true",
+    head = _start(["--head", "--num-cpus=0", f"--port={port}", "--include-dashboard=true",
                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={head_tmp}",
-                   "--min-worker-port=62000", "--max-worker-port=62400",
+                   "--min-worker-port=62000", "--max-worker-port=62300",
                    *(f"--{flag}={free_port()}" for flag in (
                        "node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
                        "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port"))],
                   env, logs / "head.log")
-    nodes, temp_dirs = [head], [head_tmp]
+    procs, temp_dirs, workers = [head], [head_tmp], []
     address = f"127.0.0.1:{port}"
     client_env = {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}"}
     try:
@@ -83,38 +104,43 @@ def two_nodes(s3_server, tmp_path_factory):
             assert head.poll() is None and time.time() < deadline, (logs / "head.log").read_text()[-3000:]
             time.sleep(2)
 
-        def second_node() -> subprocess.Popen:
-            """The running second node, started when there is none (a test may have killed it)."""
-            if len(nodes) > 1 and nodes[-1].poll() is None:
-                return nodes[-1]
-            return add_node()
+        def running_workers() -> list[WorkerNode]:
+            """The two running worker nodes, after starting one for each that is gone."""
+            workers[:] = [w for w in workers if w.alive()]
+            while len(workers) < WORKER_NODES:
+                workers.append(add_worker(len(procs)))
+            return list(workers)
 
-        def add_node() -> subprocess.Popen:
-            # disjoint worker ports from the head's: both nodes live on one machine
-            # its own temp dir: on a shared one both nodes' runtime-env agents unpack the job's working
+        def add_worker(index: int) -> WorkerNode:
+            # worker ports disjoint from the head's and from the other nodes' (all on one machine);
+            # its own temp dir: on a shared one the nodes' runtime-env agents unpack the job's working
             # directory into the same folder, and the driver saw modules vanish under it
             node_tmp = tempfile.mkdtemp(prefix="rn", dir="/tmp")
             temp_dirs.append(node_tmp)
-            node = _start([f"--address={address}", "--num-cpus=1", '--resources={"second_node": 1}',
-                           f"--temp-dir={node_tmp}",
-                           "--min-worker-port=62500", "--max-worker-port=62900",
+            first_port = 62400 + 300 * (index % 10)
+            log = logs / f"node{index}.log"
+            before = _alive_nodes(env, address)
+            proc = _start([f"--address={address}", "--num-cpus=1", f"--temp-dir={node_tmp}",
+                           f"--min-worker-port={first_port}", f"--max-worker-port={first_port + 250}",
                            *(f"--{flag}={free_port()}" for flag in (
                                "node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
                                "metrics-export-port", "runtime-env-agent-port"))],
-                          env, logs / f"node{len(nodes)}.log")
-            nodes.append(node)
+                          env, log)
+            procs.append(proc)
             deadline = time.time() + 120
-            while _alive_nodes(env, address) < 2:
-                assert node.poll() is None and time.time() < deadline, \
-                    (logs / f"node{len(nodes) - 1}.log").read_text()[-3000:]
+            while True:
+                new = [node for node, socket in _alive_nodes(env, address).items()
+                       if node not in before and socket.startswith(node_tmp)]
+                if new:
+                    return WorkerNode(proc, node_tmp, new[0])
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
                 time.sleep(2)
-            return node
 
-        yield {"env": client_env, "address": address, "second_node": second_node, "logs": logs,
-               "dashboard": f"http://127.0.0.1:{dash}", "temp_dirs": temp_dirs}
+        yield {"env": client_env, "address": address, "workers": running_workers, "logs": logs,
+               "dashboard": f"http://127.0.0.1:{dash}"}
     finally:
-        for node in reversed(nodes):
-            _stop(node)
+        for proc in reversed(procs):
+            _stop(proc)
         for temp_dir in temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -173,6 +199,23 @@ def _wait_while_running(env: dict, submission_id: str, done, what: str, *, limit
         time.sleep(poll_s)
 
 
+def _actor_nodes(env: dict, submission_id: str, class_part: str) -> set[str]:
+    """The node ids of every actor (alive or dead) of a job whose class name contains ``class_part``."""
+    code = textwrap.dedent(f"""
+        import json, os
+        from ray.job_submission import JobSubmissionClient
+        from ray.util.state import list_actors
+        address = os.environ["RAY_API_SERVER_ADDRESS"]
+        job = JobSubmissionClient(address).get_job_info({submission_id!r}).job_id
+        actors = list_actors(address=address, filters=[("job_id", "=", job)], limit=10_000,
+                             raise_on_missing_output=False, detail=True)
+        print(json.dumps(sorted({{a.node_id for a in actors if {class_part!r} in a.class_name and a.node_id}})))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def _task_nodes(env: dict, submission_id: str, name_part: str) -> dict[str, int]:
     """``{node_id: tasks}`` of the finished tasks of a job whose name contains ``name_part`` (state API)."""
     code = textwrap.dedent(f"""
@@ -210,21 +253,22 @@ def s3_corpus(s3_server, tmp_path_factory):
 
 
 @pytest.mark.timeout(600)
-def test_prepare_job_runs_blocks_on_both_nodes_and_matches_one_process(two_nodes, s3_corpus):
-    """jobs/prepare.py from and into S3 on two nodes: feature blocks run on both, and every cached row
-    equals what the one extractor gives in this process for the same clip."""
+def test_prepare_job_runs_blocks_on_both_worker_nodes_and_matches_one_process(cluster, s3_corpus):
+    """jobs/prepare.py from and into S3 on the cluster: feature blocks run on both worker nodes, and
+    every cached row equals what the one extractor gives in this process for the same clip."""
     from ser_ray.features.config import FeatureConfig
     from ser_ray.features.pipeline import extract_batch, features_array, load_cache_pandas
     from ser_ray.corpora.manifest import read_manifest
 
     bucket, client = s3_corpus
-    two_nodes["second_node"]()
-    env = two_nodes["env"]
+    workers = cluster["workers"]()
+    env = cluster["env"]
     logs = _submit(env, "prepare-two-nodes", "jobs/prepare.py", "--corpus", "synthetic", "--root",
                    f"s3://{bucket}/corpus", "--out", f"s3://{bucket}/cache")
     assert "48 clips: 48 ok, 0 errors" in logs, logs[-3000:]
     nodes = _task_nodes(env, "prepare-two-nodes", "extract_batch")
-    assert len(nodes) == 2 and sum(nodes.values()) == 4, nodes  # 4 blocks (2 per CPU), on both nodes
+    # 4 blocks (2 per CPU), on both worker nodes
+    assert set(nodes) == {w.node_id for w in workers} and sum(nodes.values()) == 4, nodes
 
     manifest = read_manifest(f"s3://{bucket}/cache/manifest.parquet")
     cache = load_cache_pandas(_only_cache(client, bucket)).set_index("path")
@@ -242,15 +286,14 @@ def _only_cache(client, bucket: str) -> str:
 
 
 @pytest.mark.timeout(600)
-def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(two_nodes, s3_corpus, tmp_path):
-    """jobs/tune.py with two cnn trials at once (0.75 CPU each: one per node), data and experiment on
-    S3. Both trials are held at the start of their third epoch (a test hook in the training loop, after
-    Train has registered their checkpoints), so the kill always lands mid-search: the second node is
-    killed and a replacement joins (what an autoscaler does), then the trials are released. The trial it
+def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(cluster, s3_corpus, tmp_path):
+    """jobs/tune.py with two cnn trials at once (0.25 CPU for the trial + 0.75 for its Train worker:
+    one trial per worker node), data and experiment on S3. Both trials are held at the start of their
+    third epoch (a test hook in the training loop, after Train has registered their checkpoints), so
+    the kill always lands mid-search: the worker node of one trial is killed and a replacement joins
+    (what an autoscaler does; the surviving node is full), then the trials are released. The trial it
     held is started again and resumes from its last checkpoint; the search finishes with both trials ok
-    and every epoch run, and no epoch reported twice in the kept history.
-    (Without the replacement the restarted trial waits for the other one's CPU on the head; that
-    variant stalled in 1 of 2 full-suite runs, cause not found.)"""
+    and every epoch run, and no epoch reported twice in the kept history."""
     import yaml
 
     bucket, client = s3_corpus
@@ -266,8 +309,8 @@ def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(two_nodes
     }
     config_path = REPO / ".cluster-tune.yaml"  # inside the working dir the job is given
     config_path.write_text(yaml.safe_dump(config))
-    node = two_nodes["second_node"]()
-    env = two_nodes["env"]
+    workers = cluster["workers"]()
+    env = cluster["env"]
     hold = tmp_path / "hold"
     hold.mkdir()
     hook = {"env_vars": {"SER_RAY_TEST_HOLD_DIR": str(hold), "SER_RAY_TEST_HOLD_AT_EPOCH": "2"}}
@@ -293,10 +336,12 @@ def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(two_nodes
         _wait_while_running(env, "tune-node-loss", lambda: len(list(hold.glob("held-*"))) >= 2,
                             "the two trials did not reach epoch 2")
         saved = checkpoints()
-        _stop(node, signal.SIGKILL)
+        held_on = sorted(path.read_text().strip() for path in hold.glob("held-*"))
+        assert set(held_on) == {w.node_id for w in workers}, (held_on, workers)  # one trial per worker node
+        workers[1].kill()
         killed_at = time.time()
         time.sleep(3)
-        two_nodes["second_node"]()  # a replacement node
+        cluster["workers"]()  # a replacement node
         (hold / "release").write_text("go\n")
         text = _wait_for_end(env, "tune-node-loss", killed_at, "the search did not finish after the node was lost")
     finally:  # a search still running must not hold the cluster for the next test
@@ -321,10 +366,10 @@ def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(two_nodes
 
 
 @pytest.mark.timeout(600)
-def test_annotate_job_loses_a_node_and_still_writes_one_row_per_file(two_nodes, tmp_path):
-    """`ray job submit` of jobs/annotate.py with an actor on each node; the second node is killed
+def test_annotate_job_loses_a_node_and_still_writes_one_row_per_file(cluster, tmp_path):
+    """`ray job submit` of jobs/annotate.py with an actor on each worker node; one worker node is killed
     (its whole process group, raylet included) after the first committed batch. The job finishes on
-    the head alone with exactly one row per input file and no repeated segments."""
+    the surviving node alone with exactly one row per input file and no repeated segments."""
     archive = tmp_path / "archive"
     archive.mkdir()
     rng = np.random.default_rng(0)
@@ -333,8 +378,8 @@ def test_annotate_job_loses_a_node_and_still_writes_one_row_per_file(two_nodes, 
         sf.write(archive / f"rec{i:02d}.wav", (0.1 * rng.standard_normal(16_000 * 60)).astype(np.float32), 16_000)
     (archive / "notes.txt").write_text("not audio")
     bundle, out = _bundle(tmp_path / "bundle"), tmp_path / "labels"
-    node = two_nodes["second_node"]()
-    env = two_nodes["env"]
+    workers = cluster["workers"]()
+    env = cluster["env"]
     job = subprocess.run(
         [RAY, "job", "submit", "--no-wait", "--working-dir", str(REPO), "--submission-id", "annotate-node-loss", "--",
          "python", "jobs/annotate.py", "--input", str(archive), "--output", str(out), "--bundle", bundle,
@@ -348,7 +393,7 @@ def test_annotate_job_loses_a_node_and_still_writes_one_row_per_file(two_nodes, 
     # polled tightly: the kill must land while files are still being labelled
     _wait_while_running(env, "annotate-node-loss", lambda: committed() >= 1, "no batch was committed", poll_s=0.05)
     before = committed()
-    _stop(node, signal.SIGKILL)  # the second node dies mid-job
+    workers[1].kill()  # a worker node dies mid-job
     assert before < n_files + 1, "the job finished before the node was killed"
     killed_at = time.time()
 
@@ -359,8 +404,10 @@ def test_annotate_job_loses_a_node_and_still_writes_one_row_per_file(two_nodes, 
     assert len(files) == n_files + 1 and files["uri"].is_unique, files[["uri", "status"]]
     assert (files["status"] == "ok").sum() == n_files, files[["uri", "status", "error"]]
     assert not segments.duplicated(["uri", "start_s", "end_s"]).any()
+    actor_nodes = _actor_nodes(env, "annotate-node-loss", "MapWorker")
+    assert {w.node_id for w in workers} <= actor_nodes, (actor_nodes, workers)  # an actor on each worker node
     # how the lost files were redone is not asserted: the pool is rebuilt after a lost-worker error
-    # ("lost workers" in the log), or Ray Data restarts the lost actor on the head by itself (seen in
+    # ("lost workers" in the log), or Ray Data restarts the lost actor elsewhere by itself (seen in
     # 2 of 4 full-suite runs this session); either way the rows below must be whole
     # the same windows and probabilities as one process labelling those files alone
     from ser_ray.annotate.core import AnnotateConfig, annotate_file
@@ -378,10 +425,10 @@ def test_annotate_job_loses_a_node_and_still_writes_one_row_per_file(two_nodes, 
 
 
 @pytest.mark.timeout(600)
-def test_two_worker_training_loses_a_node_and_resumes_from_its_checkpoint(two_nodes, s3_corpus, tmp_path):
+def test_two_worker_training_loses_a_node_and_resumes_from_its_checkpoint(cluster, s3_corpus, tmp_path):
     """jobs/train.py with two Ray Train workers (DDP over gloo) of 0.75 CPU each, so one runs on each
-    node; data and checkpoints on S3. Once an epoch is checkpointed the second node is killed; a new
-    node joins (what an autoscaler does), and the worker group restarts from the last checkpoint:
+    worker node; data and checkpoints on S3. Once an epoch is checkpointed one worker node is killed; a
+    new node joins (what an autoscaler does), and the worker group restarts from the last checkpoint:
     every epoch in the kept history once, in order, and the epochs after the kill not from epoch 0."""
     import yaml
 
@@ -399,8 +446,8 @@ def test_two_worker_training_loses_a_node_and_resumes_from_its_checkpoint(two_no
     }
     config_path = REPO / ".cluster-train.yaml"  # inside the working dir the job is given
     config_path.write_text(yaml.safe_dump(config))
-    node = two_nodes["second_node"]()
-    env = two_nodes["env"]
+    workers = cluster["workers"]()
+    env = cluster["env"]
     out = tmp_path / "train"
     try:
         job = subprocess.run([RAY, "job", "submit", "--no-wait", "--working-dir", str(REPO), "--submission-id",
@@ -417,13 +464,13 @@ def test_two_worker_training_loses_a_node_and_resumes_from_its_checkpoint(two_no
     try:
         # an epoch Train has registered: what a restarted group resumes from
         _wait_while_running(env, "train-node-loss", checkpointed, "no checkpoint")
-        _stop(node, signal.SIGKILL)  # one of the two workers dies with its node
+        workers[1].kill()  # one of the two Train workers dies with its node
         status = subprocess.run([RAY, "job", "status", "train-node-loss"], env=env, capture_output=True, text=True,
                                 timeout=60)
         assert "SUCCEEDED" not in (status.stdout + status.stderr).upper(), "training ended before the kill"
         killed_at = time.time()
         time.sleep(3)
-        two_nodes["second_node"]()  # a replacement node: the group needs 2 x 0.75 CPU, the head has 1
+        cluster["workers"]()  # a replacement node: the group needs 2 x 0.75 CPU, one node has 1
         text = _wait_for_end(env, "train-node-loss", killed_at, "training did not finish after the node was lost")
     finally:
         subprocess.run([RAY, "job", "stop", "train-node-loss"], env=env, capture_output=True, timeout=120)
@@ -442,19 +489,17 @@ def test_two_worker_training_loses_a_node_and_resumes_from_its_checkpoint(two_no
 
 
 def _serve_replicas(env: dict, app: str) -> dict:
-    """The head's node id and, per deployment of the Serve app ``app``: its status, target replica count
-    and the node ids of its RUNNING replicas (Serve's details and the state API, through the dashboard)."""
+    """Per deployment of the Serve app ``app``: its status, target replica count and the node ids of its
+    RUNNING replicas (Serve's details, through the dashboard)."""
     code = textwrap.dedent(f"""
         import json, os
         from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
-        from ray.util.state import list_nodes
         address = os.environ["RAY_API_SERVER_ADDRESS"]
-        head = [n.node_id for n in list_nodes(address=address) if n.is_head_node and n.state == "ALIVE"]
         app = (ServeSubmissionClient(address).get_serve_details().get("applications") or {{}}).get({app!r}) or {{}}
-        print(json.dumps({{"head": head[0] if head else None, "deployments": {{
+        print(json.dumps({{
             name: {{"status": d["status"], "target": d["target_num_replicas"],
                     "running": sorted(r["node_id"] for r in d["replicas"] if r["state"] == "RUNNING")}}
-            for name, d in (app.get("deployments") or {{}}).items()}}}}))
+            for name, d in (app.get("deployments") or {{}}).items()}}))
     """)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -475,13 +520,14 @@ def _noise(path: Path, seconds: float, seed: int) -> Path:
 
 
 @pytest.mark.timeout(420)
-def test_serve_replicas_on_both_nodes_answer_like_offline_and_survive_losing_one(two_nodes, tmp_path, caplog):
+def test_serve_replicas_on_both_worker_nodes_answer_like_offline_and_survive_losing_one(cluster, tmp_path, caplog):
     """`ser-ray serve --address` on the cluster with 2 ingress and 2 member replicas (0.25 CPU each, so
-    all four fit on the head alone) and the HTTP proxy on the head: each deployment has a replica on each
-    node, and /predict answers as the same bundle does offline. Then, while the project's endpoint client
-    (bounded retries, honouring Retry-After) annotates an archive one file per request, the second node's
-    whole process group is SIGKILLed: every file still gets its ok row, Serve brings both deployments
-    back to 2 RUNNING replicas, all on the head, and /predict still answers as offline."""
+    all four fit on one worker node) and the HTTP proxy on the head: each deployment has a replica on
+    each worker node, and /predict answers as the same bundle does offline. Then, while the project's
+    endpoint client (bounded retries, honouring Retry-After) annotates an archive one file per request,
+    one worker node's whole process group is SIGKILLed: every file still gets its ok row, Serve brings
+    both deployments back to 2 RUNNING replicas, all on the surviving node, and /predict still answers
+    as offline."""
     import logging
     import threading
 
@@ -491,8 +537,9 @@ def test_serve_replicas_on_both_nodes_answer_like_offline_and_survive_losing_one
     from ser_ray.annotate.endpoint import annotate_via_endpoint
     from ser_ray.ensemble.bundle import load_bundle
 
-    env, address = two_nodes["env"], two_nodes["address"]
-    node = two_nodes["second_node"]()
+    env, address = cluster["env"], cluster["address"]
+    workers = cluster["workers"]()
+    doomed, survivor = workers[1], workers[0]
     bundle = _bundle(tmp_path / "bundle")
     model = load_bundle(bundle)
     clip = _noise(tmp_path / "clip.wav", 12.0, seed=100)  # 24 windows: two member calls, sent at once
@@ -506,7 +553,7 @@ def test_serve_replicas_on_both_nodes_answer_like_offline_and_survive_losing_one
 
     key, port = "cluster-serve-key-0123456789", free_port()
     url = f"http://127.0.0.1:{port}"
-    log_path = two_nodes["logs"] / "serve.log"
+    log_path = cluster["logs"] / "serve.log"
     server = subprocess.Popen(
         [sys.executable, "-m", "ser_ray.cli", "serve", "--address", address, "--bundle", bundle,
          "--port", str(port), "--allow-root", str(archive), "--hop-s", "0.5",
@@ -531,10 +578,9 @@ def test_serve_replicas_on_both_nodes_answer_like_offline_and_survive_losing_one
             for label in LABELS:
                 assert mine["probabilities"][label] == pytest.approx(theirs[f"prob_{label}"], abs=1e-4)
 
-    def placed() -> tuple[str, dict]:
-        state = _serve_replicas(env, "ser-ray")
-        return state["head"], {name: d["running"] for name, d in state["deployments"].items()
-                               if d["status"] == "HEALTHY" and len(d["running"]) == d["target"]}
+    def placed() -> dict:
+        return {name: d["running"] for name, d in _serve_replicas(env, "ser-ray").items()
+                if d["status"] == "HEALTHY" and len(d["running"]) == d["target"]}
 
     started = time.time()
     try:
@@ -542,7 +588,7 @@ def test_serve_replicas_on_both_nodes_answer_like_offline_and_survive_losing_one
         while True:  # every replica RUNNING and the endpoint answering its health probe
             assert server.poll() is None, log_path.read_text()[-5000:]
             assert time.time() < deadline, f"Serve did not come up within 180 s:\n{log_path.read_text()[-5000:]}"
-            head, running = placed()
+            running = placed()
             try:
                 healthy = httpx.get(url + "/healthz", timeout=10).status_code == 200
             except httpx.TransportError:
@@ -551,17 +597,20 @@ def test_serve_replicas_on_both_nodes_answer_like_offline_and_survive_losing_one
                 break
             time.sleep(2)
         up_s = time.time() - started
-        for name, nodes in running.items():  # one replica on each node
-            assert len(nodes) == 2 and head in nodes and len(set(nodes)) == 2, (name, nodes, head)
-        # answers equal offline, and the second node's member computed part of them (Serve routes each
-        # model call to the less busy member replica)
-        second_dir, answers = two_nodes["temp_dirs"][-1], 0
-        before_calls = _member_calls(second_dir)
-        while answers < 4 or _member_calls(second_dir) == before_calls:
-            assert answers < 20, f"20 answers, none computed on the second node: {placed()}"
+        for name, nodes in running.items():  # one replica on each worker node
+            assert sorted(nodes) == sorted(w.node_id for w in workers), (name, nodes, workers)
+        # answers equal offline, and each worker node's member computed part of them (Serve routes
+        # each model call to the less busy member replica)
+        answers, before_calls = 0, [_member_calls(w.temp_dir) for w in workers]
+
+        def calls_since() -> list[int]:
+            return [_member_calls(w.temp_dir) - before for w, before in zip(workers, before_calls)]
+
+        while answers < 4 or min(calls_since()) == 0:
+            assert answers < 20, f"20 answers, member calls per worker node {calls_since()}: {placed()}"
             assert_like_offline(predicted())
             answers += 1
-        remote_calls = _member_calls(second_dir) - before_calls
+        member_calls = calls_since()
 
         caplog.set_level(logging.WARNING, logger="ser_ray.annotate.endpoint")
         out = tmp_path / "labels"
@@ -586,15 +635,16 @@ def test_serve_replicas_on_both_nodes_answer_like_offline_and_survive_losing_one
             assert time.time() < deadline, "the client committed no 8 files within 120 s"
             time.sleep(0.05)
         before = committed()
-        _stop(node, signal.SIGKILL)  # the second node (raylet, workers, its replicas) dies under load
+        doomed.kill()  # a worker node (raylet, workers, its replicas) dies under load
         killed_at = time.time()
         assert before < n_files, "the client finished before the node was killed"
 
         deadline = killed_at + 120
-        while True:  # both deployments back at 2 RUNNING replicas, all on the head
-            assert time.time() < deadline, f"replicas not back on the head within 120 s: {placed()}"
-            head, running = placed()
-            if set(running) == {"ingress", "member-cnn"} and all(set(n) == {head} for n in running.values()):
+        while True:  # both deployments back at 2 RUNNING replicas, all on the surviving node
+            assert time.time() < deadline, f"replicas not back on the surviving node within 120 s: {placed()}"
+            running = placed()
+            if set(running) == {"ingress", "member-cnn"} and \
+                    all(set(n) == {survivor.node_id} for n in running.values()):
                 break
             time.sleep(1)
         back_s = time.time() - killed_at
@@ -613,7 +663,7 @@ def test_serve_replicas_on_both_nodes_answer_like_offline_and_survive_losing_one
         for _ in range(4):
             assert_like_offline(predicted())
         print(json.dumps({"serve_up_s": round(up_s, 1), "predict_answers": answers,
-                          "second_node_member_calls": remote_calls, "committed_before_kill": before,
+                          "member_calls_per_worker_node": member_calls, "committed_before_kill": before,
                           "files": n_files, "posts": n_files + len(retries), "retries": len(retries),
                           "retry_reasons": retries[:6], "replicas_back_s": round(back_s, 1),
                           "client_s": round(result["summary"]["wall_s"], 1),

@@ -373,15 +373,18 @@ def _maybe_fail(config: dict, epoch: int, rank: int) -> None:
 def _maybe_hold(epoch: int, rank: int) -> None:
     """Test hook (environment, so it reaches the workers of a `ray job submit` job and of every Tune
     trial): at the start of epoch ``SER_RAY_TEST_HOLD_AT_EPOCH``, once Train has registered the
-    checkpoints reported so far, write ``held-<pid>`` into ``SER_RAY_TEST_HOLD_DIR`` and wait there until
-    that folder holds ``release``. A test then kills a node while every run is mid-training."""
+    checkpoints reported so far, write ``held-<pid>`` (holding the node id) into ``SER_RAY_TEST_HOLD_DIR``
+    and wait there until that folder holds ``release``. A test then kills a node while every run is
+    mid-training."""
     folder = os.environ.get("SER_RAY_TEST_HOLD_DIR")
     if not folder or rank != 0 or os.environ.get("SER_RAY_TEST_HOLD_AT_EPOCH") != str(epoch):
         return
+    import ray
     import ray.train
 
     ray.train.get_all_reported_checkpoints(timeout_s=120)
-    Path(folder, f"held-{os.getpid()}").write_text(f"epoch {epoch}\n")
+    # the node id: a test kills the node a held run is on
+    Path(folder, f"held-{os.getpid()}").write_text(f"{ray.get_runtime_context().get_node_id()}\n")
     deadline = time.monotonic() + 600
     while not Path(folder, "release").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
