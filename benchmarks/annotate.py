@@ -194,6 +194,9 @@ def main() -> None:
     torch.set_num_threads(args.cpus)  # the seed loop gets the same cores as the actor pool
     for attempt in range(3):  # a loaded machine can miss Ray's 30 s node start-up deadline
         try:
+            from ser_ray.session import use_serve_proxy
+
+            use_serve_proxy()  # Serve's HTTP proxy as `ser-ray serve` picks it
             ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
             break
         except Exception:

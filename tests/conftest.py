@@ -13,6 +13,17 @@ REPO = Path(__file__).resolve().parents[1]
 EMODB = Path(os.environ.get("SER_RAY_EMODB", REPO.parent / "shared" / "data" / "emodb"))
 
 
+def _serve_proxy_as_users_get_it() -> None:
+    """Every Ray the tests start (the session's, `ray start` nodes, subprocess commands) serves HTTP the
+    way a Ray that ser-ray starts does: through HAProxy when its binary is installed."""
+    from ser_ray.session import use_serve_proxy
+
+    use_serve_proxy()
+
+
+_serve_proxy_as_users_get_it()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

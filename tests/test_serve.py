@@ -671,3 +671,39 @@ def test_serve_cli_fails_clearly_when_nothing_listens_where_it_claims():
 
     with pytest.raises(SystemExit, match=f"nothing listens on 127.0.0.1:{(port := free_port())}"):
         check_listening("127.0.0.1", port)
+
+
+def test_http_goes_through_haproxy_when_it_is_installed(served):
+    """The default HTTP proxy: with the HAProxy binary that ray[serve] installs on Linux, the endpoint's
+    port is HAProxy's, which hands requests to the ingress replicas' own HTTP servers."""
+    import psutil
+
+    from ser_ray.session import haproxy_binary
+
+    if haproxy_binary() is None:
+        pytest.skip("no HAProxy binary: Serve's Python proxy serves HTTP")
+    port = int(served.url.rsplit(":", 1)[1])
+    listeners = {c.pid for c in psutil.net_connections(kind="tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid}
+    assert listeners and {psutil.Process(pid).name() for pid in listeners} == {"haproxy"}, listeners
+    r = served.http.post("/predict", files={"file": ("clip.wav", wav_bytes(1.5), "audio/wav")})
+    assert r.status_code == 200 and r.json()["label"] in LABELS, r.text
+
+
+def test_serve_proxy_env_picks_the_proxy_for_a_ray_about_to_start(monkeypatch):
+    from ser_ray import session
+    from ser_ray.errors import UserError
+
+    assert session.serve_proxy_env("python") == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    monkeypatch.setattr(session, "haproxy_binary", lambda: "/usr/sbin/haproxy")
+    assert session.serve_proxy_env("auto")["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert session.serve_proxy_env("haproxy")["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == session.DRAIN_S
+    monkeypatch.setattr(session, "haproxy_binary", lambda: None)
+    assert session.serve_proxy_env("auto") == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}  # falls back quietly
+    with pytest.raises(UserError, match="no HAProxy binary"):
+        session.serve_proxy_env("haproxy")  # asked for by name: an error, not a quiet fallback
+    with pytest.raises(ValueError, match="choose one of"):
+        session.serve_proxy_env("nginx")
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    session.use_serve_proxy("auto")  # what the user set stays
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
