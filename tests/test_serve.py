@@ -215,6 +215,19 @@ def wav_bytes(seconds: float = 2.0, sr: int = 16_000) -> bytes:
     return buf.getvalue()
 
 
+def client_for_new_app(served, prefix: str) -> httpx.Client:
+    """A client on new connections for an app just added at ``prefix``, once that prefix is routed to it.
+
+    Adding an app makes HAProxy reload its routing table; a keep-alive connection opened before the
+    reload is served by the old process and table until HAProxy closes it (seconds to minutes), so
+    there ``prefix`` still falls to the app at "/". New connections get the new table."""
+    deadline = time.time() + 30
+    while httpx.get(served.url + prefix + "/healthz", timeout=30).status_code == 404:
+        assert time.time() < deadline, f"{prefix} not routed within 30 s"
+        time.sleep(0.2)
+    return httpx.Client(base_url=served.url, timeout=60, headers={"Authorization": f"Bearer {API_KEY}"})
+
+
 def assert_still_serving(served):
     r = served.http.post("/annotate", json={"uris": [str(served.root / "a.wav")]})
     assert r.status_code == 200, r.text
@@ -381,13 +394,14 @@ def test_members_in_deployments_answer_like_members_in_the_ingress(served):
     try:
         uris = [str(served.root / "a.wav"), str(served.root / "sub" / "b.flac")]
         ours = served.http.post("/annotate", json={"uris": uris}).json()
-        theirs = served.http.post("/dep/annotate", json={"uris": uris}).json()
+        with client_for_new_app(served, "/dep") as dep:
+            theirs = dep.post("/dep/annotate", json={"uris": uris}).json()
+            health = dep.get("/dep/healthz").json()
         assert len(ours["segments"]) == len(theirs["segments"]) > 0
         for mine, other in zip(ours["files"] + ours["segments"], theirs["files"] + theirs["segments"]):
             assert (mine["uri"], mine["label"], mine.get("start_s")) == (other["uri"], other["label"], other.get("start_s"))
             for label in LABELS:
                 assert mine[f"prob_{label}"] == pytest.approx(other[f"prob_{label}"], abs=1e-4)
-        health = served.http.get("/dep/healthz").json()
         assert health["member_status"] == {"cnn": "ok", "bigru": "ok", "logreg": "ok"}
     finally:
         serve.delete("ser-ray-deployments")
@@ -652,12 +666,13 @@ def test_a_member_slower_than_its_timeout_gives_503_not_a_hang(served, members):
     serve.run(build_app(config), name="ser-ray-slow", route_prefix="/slow")
     try:
         start = time.perf_counter()
-        health = httpx.get(served.url + "/slow/healthz", timeout=30)
-        assert health.status_code == 503 and health.json()["member_status"]["cnn"] != "ok", health.text
-        r = served.http.post("/slow/annotate", json={"uris": [str(served.root / "a.wav")]})
-        assert r.status_code == 503 and r.headers["retry-after"] == "2", r.text
-        r = served.http.post("/slow/predict", files={"file": ("clip.wav", wav_bytes(1.0), "audio/wav")})
-        assert r.status_code == 503, r.text
+        with client_for_new_app(served, "/slow") as slow:
+            health = slow.get("/slow/healthz")
+            assert health.status_code == 503 and health.json()["member_status"]["cnn"] != "ok", health.text
+            r = slow.post("/slow/annotate", json={"uris": [str(served.root / "a.wav")]})
+            assert r.status_code == 503 and r.headers["retry-after"] == "2", r.text
+            r = slow.post("/slow/predict", files={"file": ("clip.wav", wav_bytes(1.0), "audio/wav")})
+            assert r.status_code == 503, r.text
         assert time.perf_counter() - start < 20
     finally:
         serve.delete("ser-ray-slow")
