@@ -286,6 +286,66 @@ def _only_cache(client, bucket: str) -> str:
 
 
 @pytest.mark.timeout(600)
+def test_tune_job_on_the_cluster_gives_the_rows_of_one_node(cluster, s3_corpus, tmp_path):
+    """The same search of two trials (TPE seeded, so both runs sample the same points) as a job on the
+    cluster (one trial per worker node, data and experiment on S3) and as jobs/tune.py on a one-node
+    local Ray: each trial reports the same validation UA at every epoch in both runs and ends with the
+    same weights."""
+    import yaml
+
+    from ser_ray import storage
+    from ser_ray.models import load_model
+
+    bucket, _ = s3_corpus
+    epochs = 3
+    config = {
+        "name": "same-rows",
+        "data": {"corpus": "synthetic", "root": f"s3://{bucket}/corpus", "protocol": "kfold", "k": 3,
+                 "test_fold": 0, "val_fraction": 0.25, "features": {"n_mels": 32, "window_s": 1.5}},
+        "families": ["cnn"], "num_samples": 2, "max_epochs": epochs, "grace_period": epochs,
+        "max_concurrent_trials": 2, "seed": 0, "tpe_startup_trials": 2, "evaluate_test": False,
+        "resources": {"cnn": {"cpu": 0.75}}, "train": {"patience": 0, "batch_size": 8},
+        "space": {"cnn": {"hparams": {"width": {"choice": [8]}}}},
+    }
+    config_path = REPO / ".cluster-tune-rows.yaml"  # inside the working dir the job is given
+    config_path.write_text(yaml.safe_dump(config))
+    cluster["workers"]()
+    try:
+        _submit(cluster["env"], "tune-same-rows", "jobs/tune.py", "--config", config_path.name,
+                "--out", f"s3://{bucket}/tune-rows")
+    finally:
+        config_path.unlink()
+    one_node = tmp_path / "tune.yaml"
+    one_node.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    done = subprocess.run([sys.executable, "jobs/tune.py", "--config", str(one_node), "--out", str(tmp_path / "one")],
+                          cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    tables = {"cluster": storage.read_parquet(f"s3://{bucket}/tune-rows/same-rows/trials.parquet"),
+              "one node": storage.read_parquet(str(tmp_path / "one" / "same-rows" / "trials.parquet"))}
+    runs = {}  # where -> {trial's sampled point: (val UA per epoch, weights of its best checkpoint)}
+    for where, table in tables.items():
+        assert len(table) == 2 and (table["status"] == "ok").all() and (table["epochs_run"] == epochs).all(), \
+            (where, table)
+        runs[where] = {}
+        for point, history, checkpoint in zip(table["config"], table["history"], table["checkpoint_path"]):
+            model, _ = load_model(checkpoint)
+            runs[where][point] = ([(p["epochs_done"], p["val_ua"]) for p in json.loads(history)],
+                                  {k: v.detach().numpy() for k, v in model.state_dict().items()})
+    cluster_run, one_node_run = runs["cluster"], runs["one node"]
+    assert set(cluster_run) == set(one_node_run) and len(cluster_run) == 2, runs  # TPE is seeded
+    curves = {}
+    for point, (curve, weights) in cluster_run.items():
+        other_curve, other_weights = one_node_run[point]
+        assert curve == other_curve, (point, curve, other_curve)
+        for name, value in weights.items():
+            assert np.allclose(other_weights[name], value, atol=1e-5), (point, name)
+        curves[point] = curve
+    print(json.dumps({"val_ua_per_epoch": curves}))
+
+
+@pytest.mark.timeout(600)
 def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(cluster, s3_corpus, tmp_path):
     """jobs/tune.py with two cnn trials at once (0.25 CPU for the trial + 0.75 for its Train worker:
     one trial per worker node), data and experiment on S3. Both trials are held at the start of their
