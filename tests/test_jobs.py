@@ -265,3 +265,14 @@ def test_a_finished_search_is_compared_with_the_config_before_it_is_skipped():
     other = SearchConfig(families=["logreg", "svm"], num_samples=6, data={"features": {"n_mels": 32}})
     assert config_changes(saved, other) == ["data.features.n_mels", "families", "num_samples"]
     assert config_changes(None, other) == []  # an experiment from before configs were saved
+
+
+def test_gpu_check_exits_cleanly_where_there_is_no_cuda():
+    """benchmarks/gpu_check.py runs unchanged on any machine: without CUDA it says so and exits 0."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: run benchmarks/gpu_check.py itself")
+    out = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and out.stdout.startswith("no CUDA"), out.stdout + out.stderr[-2000:]
