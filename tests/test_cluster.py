@@ -285,6 +285,20 @@ def _only_cache(client, bucket: str) -> str:
     return f"s3://{bucket}/cache/{keys.pop()}"
 
 
+def _two_trial_search(name: str, bucket: str, epochs: int) -> dict:
+    """A tune config of two cnn trials at once (0.25 CPU for the trial + 0.75 for its Train worker:
+    one per worker node), data on the S3 corpus, ASHA off (grace period = epochs)."""
+    return {
+        "name": name,
+        "data": {"corpus": "synthetic", "root": f"s3://{bucket}/corpus", "protocol": "kfold", "k": 3,
+                 "test_fold": 0, "val_fraction": 0.25, "features": {"n_mels": 32, "window_s": 1.5}},
+        "families": ["cnn"], "num_samples": 2, "max_epochs": epochs, "grace_period": epochs,
+        "max_concurrent_trials": 2, "seed": 0, "tpe_startup_trials": 2, "evaluate_test": False,
+        "resources": {"cnn": {"cpu": 0.75}}, "train": {"patience": 0, "batch_size": 8},
+        "space": {"cnn": {"hparams": {"width": {"choice": [8]}}}},
+    }
+
+
 @pytest.mark.timeout(600)
 def test_tune_job_on_the_cluster_gives_the_rows_of_one_node(cluster, s3_corpus, tmp_path):
     """The same search of two trials (TPE seeded, so both runs sample the same points) as a job on the
@@ -298,15 +312,7 @@ def test_tune_job_on_the_cluster_gives_the_rows_of_one_node(cluster, s3_corpus, 
 
     bucket, _ = s3_corpus
     epochs = 3
-    config = {
-        "name": "same-rows",
-        "data": {"corpus": "synthetic", "root": f"s3://{bucket}/corpus", "protocol": "kfold", "k": 3,
-                 "test_fold": 0, "val_fraction": 0.25, "features": {"n_mels": 32, "window_s": 1.5}},
-        "families": ["cnn"], "num_samples": 2, "max_epochs": epochs, "grace_period": epochs,
-        "max_concurrent_trials": 2, "seed": 0, "tpe_startup_trials": 2, "evaluate_test": False,
-        "resources": {"cnn": {"cpu": 0.75}}, "train": {"patience": 0, "batch_size": 8},
-        "space": {"cnn": {"hparams": {"width": {"choice": [8]}}}},
-    }
+    config = _two_trial_search("same-rows", bucket, epochs)
     config_path = REPO / ".cluster-tune-rows.yaml"  # inside the working dir the job is given
     config_path.write_text(yaml.safe_dump(config))
     cluster["workers"]()
@@ -358,15 +364,7 @@ def test_tune_job_loses_a_node_and_its_trial_resumes_from_a_checkpoint(cluster, 
 
     bucket, client = s3_corpus
     epochs = 6
-    config = {
-        "name": "node-loss",
-        "data": {"corpus": "synthetic", "root": f"s3://{bucket}/corpus", "protocol": "kfold", "k": 3,
-                 "test_fold": 0, "val_fraction": 0.25, "features": {"n_mels": 32, "window_s": 1.5}},
-        "families": ["cnn"], "num_samples": 2, "max_epochs": epochs, "grace_period": epochs,
-        "max_concurrent_trials": 2, "seed": 0, "tpe_startup_trials": 2, "evaluate_test": False,
-        "resources": {"cnn": {"cpu": 0.75}}, "train": {"patience": 0, "batch_size": 8},
-        "space": {"cnn": {"hparams": {"width": {"choice": [8]}}}},
-    }
+    config = _two_trial_search("node-loss", bucket, epochs)
     config_path = REPO / ".cluster-tune.yaml"  # inside the working dir the job is given
     config_path.write_text(yaml.safe_dump(config))
     workers = cluster["workers"]()
