@@ -58,9 +58,15 @@ def _alive_nodes(env: dict, address: str) -> dict[str, str]:
     """``{node_id: raylet socket path}`` (it lies in the node's temp dir) of the cluster's alive nodes
     ({} while it does not answer)."""
     code = (f"import json, ray; ray.init(address={address!r}, log_to_driver=False); "
-            "print(json.dumps({n['NodeID']: n['RayletSocketName'] for n in ray.nodes() if n['Alive']}))")
+            "print('RESULT', json.dumps({n['NodeID']: n['RayletSocketName'] for n in ray.nodes() if n['Alive']}))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else {}
+    return _result(out.stdout) if out.returncode == 0 and "RESULT " in out.stdout else {}
+
+
+def _result(stdout: str):
+    """The JSON a helper subprocess printed after ``RESULT `` (Ray may print notices after it, such as
+    a lost node's lagging heartbeats)."""
+    return json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith("RESULT "))[7:])
 
 
 @dataclasses.dataclass
@@ -209,11 +215,12 @@ def _actor_nodes(env: dict, submission_id: str, class_part: str) -> set[str]:
         job = JobSubmissionClient(address).get_job_info({submission_id!r}).job_id
         actors = list_actors(address=address, filters=[("job_id", "=", job)], limit=10_000,
                              raise_on_missing_output=False, detail=True)
-        print(json.dumps(sorted({{a.node_id for a in actors if {class_part!r} in a.class_name and a.node_id}})))
+        nodes = {{a.node_id for a in actors if {class_part!r} in a.class_name and a.node_id}}
+        print("RESULT", json.dumps(sorted(nodes)))
     """)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+    return set(_result(out.stdout))
 
 
 def _task_nodes(env: dict, submission_id: str, name_part: str) -> dict[str, int]:
@@ -225,12 +232,12 @@ def _task_nodes(env: dict, submission_id: str, name_part: str) -> dict[str, int]
         address = os.environ["RAY_API_SERVER_ADDRESS"]
         job = JobSubmissionClient(address).get_job_info({submission_id!r}).job_id
         tasks = list_tasks(address=address, filters=[("job_id", "=", job)], limit=10_000, raise_on_missing_output=False)
-        print(json.dumps(collections.Counter(t.node_id for t in tasks if {name_part!r} in t.name
+        print("RESULT", json.dumps(collections.Counter(t.node_id for t in tasks if {name_part!r} in t.name
                                              and t.state == "FINISHED")))
     """)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _result(out.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -554,14 +561,14 @@ def _serve_replicas(env: dict, app: str) -> dict:
         from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
         address = os.environ["RAY_API_SERVER_ADDRESS"]
         app = (ServeSubmissionClient(address).get_serve_details().get("applications") or {{}}).get({app!r}) or {{}}
-        print(json.dumps({{
+        print("RESULT", json.dumps({{
             name: {{"status": d["status"], "target": d["target_num_replicas"],
                     "running": sorted(r["node_id"] for r in d["replicas"] if r["state"] == "RUNNING")}}
             for name, d in (app.get("deployments") or {{}}).items()}}))
     """)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _result(out.stdout)
 
 
 def _member_calls(temp_dir: str) -> int:
