@@ -47,9 +47,10 @@ def serve_proxy_env(choice: str = "auto") -> dict[str, str]:
     binary is installed."""
     if choice not in HTTP_PROXIES:
         raise ValueError(f"HTTP proxy {choice!r}: choose one of {', '.join(HTTP_PROXIES)}")
-    if choice == "python" or (choice == "auto" and haproxy_binary() is None):
+    binary = None if choice == "python" else haproxy_binary()
+    if choice == "python" or (choice == "auto" and binary is None):
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    if haproxy_binary() is None:
+    if binary is None:
         from ser_ray.errors import UserError
 
         raise UserError("--http-proxy haproxy: no HAProxy binary (it comes with `pip install 'ray[serve]'` on Linux "
