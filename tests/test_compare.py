@@ -155,3 +155,40 @@ def test_compare_per_fold_ensemble_of_classical_and_deep_members(ray_session, co
     assert table.loc[4, "ua_mean"] == pytest.approx(summary["uniform"]["ua"]["mean"])
     assert summary["uniform"]["ua"]["values"] == [f["uniform_ua"] for f in summary["per_fold"]]
     assert "ensemble" in (out / "comparison.md").read_text()
+
+
+def test_compare_self_trains_the_classical_ensemble_per_test_speaker(ray_session, corpora, tmp_path):
+    """``compare --ensemble --self-train`` with speaker normalisation: each fold's ensemble is refitted
+    per test speaker on the clips it labels confidently (the threshold chosen on the training speakers,
+    recorded per fold) and gets its own row; it is refused where it cannot apply."""
+    from ser_ray.cli import main
+    from ser_ray.train.compare import run_compare
+    from ser_ray.train.self_train import THRESHOLDS
+
+    a, _ = corpora
+    out = tmp_path / "compare"
+    argv = ["compare", "--corpus", "synthetic", "--root", str(a), "--families", "logreg,svm", "--ensemble",
+            "--self-train", "--protocol", "loso", "--max-folds", "2", "--out", str(out),
+            "--set", "data.normalise_by=speaker", *tiny(corpora)]
+    assert main(argv) == 0
+    table = pd.read_csv(out / "comparison.csv")
+    assert list(table["family"]) == ["logreg", "svm", "ensemble", "ensemble (uniform)", "ensemble + self-training"]
+    summary = json.loads((out / "ensemble" / "summary.json").read_text())
+    assert table.loc[4, "ua_mean"] == pytest.approx(summary["self_trained"]["ua"]["mean"])
+    for fold in summary["per_fold"]:
+        info = fold["self_train"]
+        assert info["threshold"] in (None, *THRESHOLDS)
+        assert set(info["inner_ua"]) == {"none", *map(str, THRESHOLDS)}
+        assert 0 <= info["pseudo_labelled"] <= fold["n_test"]
+        if info["threshold"] is None:  # nothing refitted: the ensemble's own answer
+            assert fold["self_trained_ua"] == fold["ua"]
+    assert "self-training" in (out / "comparison.md").read_text()
+    config = TrainConfig.from_dict({"data": {"corpus": "synthetic", "root": str(a)}})
+    for families, data, match in ((["logreg", "cnn"], {"normalise_by": "speaker"}, "not classical"),
+                                  (["logreg", "svm"], {}, "normalise_by=speaker")):
+        cfg = TrainConfig.from_dict({"data": {"corpus": "synthetic", "root": str(a), **data}})
+        with pytest.raises(ValueError, match=match):
+            run_compare(cfg, families, tmp_path / "refused", ensemble=True, self_train=True)
+    with pytest.raises(ValueError, match="ensemble"):
+        run_compare(config, ["logreg"], tmp_path / "refused", self_train=True)
+    assert not (tmp_path / "refused").exists()  # refused before anything ran

@@ -97,6 +97,19 @@ class _ClassicalModel(nn.Module):
         """Copy a fitted estimator into the module's parameters."""
         raise NotImplementedError
 
+    def refit_logits(self, x_fit: np.ndarray, y_fit: np.ndarray, x_pred: np.ndarray, *, final: bool = True) -> np.ndarray:
+        """Logits ``[N, num_classes]`` for ``x_pred`` of this model's chosen setting refitted on
+        ``(x_fit, y_fit)``, with this model's standardisation and logit scale; the module itself is
+        not changed. What self-training (``ser_ray.train.self_train``) refits; ``final=False`` fits
+        the way the inner CV does (the MLP: one network instead of ``seeds``)."""
+        def z(x):
+            x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+            return (x - self.mean.double().numpy()) / self.scale.double().numpy()
+
+        (params,) = self.candidates()  # after fit_arrays the hparams name one setting
+        estimator = self._fit_scaled(z(x_fit), np.asarray(y_fit, dtype=np.int64), params, final=final)
+        return self._decision(estimator, z(x_pred)) * float(self.logit_scale)
+
     @torch.no_grad()
     def fit_arrays(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dict:
         """Fit on features ``[N, D(, 1)]``, labels ``[N]`` (0..L-1) and speaker ``groups``; return fit info.

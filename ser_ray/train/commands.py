@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             parser.add_argument("--ensemble", action="store_true",
                                 help="also score a per-fold ensemble of the families (weights and temperatures "
                                      "fitted on held-out predictions of each fold's non-test speakers)")
+            parser.add_argument("--self-train", action="store_true",
+                                help="with --ensemble, classical families and --set data.normalise_by=speaker: "
+                                     "also self-train each fold's ensemble on its test speakers' unlabelled clips "
+                                     "(confident pseudo-labels, threshold chosen on the training speakers)")
         else:
             parser.add_argument("--family", choices=sorted(MODELS), help="model family (see ser_ray/models)")
         parser.add_argument("--protocol", choices=PROTOCOLS, help="speaker-disjoint split protocol")
@@ -129,7 +133,8 @@ def run(args) -> int:
         if unknown or not families:
             raise SystemExit(f"--families {args.families!r}: unknown {unknown}; choose from {sorted(MODELS)}")
         _init_ray(args.address)
-        table = run_compare(config, families, args.out, max_folds=args.max_folds, ensemble=args.ensemble)
+        table = run_compare(config, families, args.out, max_folds=args.max_folds, ensemble=args.ensemble,
+                            self_train=args.self_train)
         print(comparison_markdown(table, config))
         return 0
     elif args.test_corpus or args.test_root:

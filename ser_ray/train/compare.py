@@ -98,14 +98,18 @@ def parse_family_spec(spec: str) -> tuple[str, str, dict]:
 
 
 def run_compare(config: TrainConfig, families: list[str], out: str | Path, *, max_folds: int | None = None,
-                hparams: dict[str, dict] | None = None, ensemble: bool = False) -> pd.DataFrame:
+                hparams: dict[str, dict] | None = None, ensemble: bool = False,
+                self_train: bool = False) -> pd.DataFrame:
     """Cross-validate each of ``families`` like ``config`` into ``out/<name>``; write and return the table.
 
     An entry of ``families`` is a family name or ``FAMILY:key=value,...`` (its hyperparameters, e.g.
     ``svm:kernel=rbf``); ``hparams`` maps a name to hyperparameters too (default: the family's
     defaults). With ``ensemble``, each fold's members are combined into a per-fold ensemble (weights
     and temperatures fitted on held-out predictions of the fold's non-test speakers, see
-    :func:`fold_ensembles`) and the table gets an ``ensemble`` row. A rerun reuses finished folds (see ``run_cv``).
+    :func:`fold_ensembles`) and the table gets an ``ensemble`` row. ``self_train`` (classical members
+    and ``normalise_by: speaker`` only) adds an ``ensemble + self-training`` row: each fold's ensemble
+    self-trained on its test speakers' unlabelled clips (``ser_ray.train.self_train``). A rerun reuses
+    finished folds (see ``run_cv``).
     """
     from ser_ray.models import MODELS
     from ser_ray.train.cv import run_cv
@@ -116,6 +120,17 @@ def run_compare(config: TrainConfig, families: list[str], out: str | Path, *, ma
         raise ValueError(f"families {unknown or families}: choose one or more of {sorted(MODELS)}")
     if len({name for name, _, _ in entries}) < len(entries):
         raise ValueError(f"families {families}: each entry must be different")
+    if self_train:
+        from ser_ray.models.classical import is_classical
+
+        if not ensemble:
+            raise ValueError("self-training adapts the per-fold ensemble: it needs ensemble=True (--ensemble)")
+        deep = [family for _, family, _ in entries if not is_classical(family)]
+        if deep:
+            raise ValueError(f"self-training refits every member per test speaker; {deep} are not classical families")
+        if config.data.normalise_by != "speaker":
+            raise ValueError("self-training reads the test speakers' unlabelled clips, as speaker normalisation "
+                             "does: it needs data.normalise_by=speaker")
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     # one cache root: families that read the same features share one cache
@@ -132,7 +147,8 @@ def run_compare(config: TrainConfig, families: list[str], out: str | Path, *, ma
         row.update(model_costs(out / name, summary), folds=len(summary["folds_run"]), result_dir=str(out / name))
         rows.append(row)
     if ensemble:
-        result = fold_ensembles(out, list(summaries), summaries[entries[0][0]]["labels"])
+        features = _functionals_by_path(config, data, summaries) if self_train else None
+        result = fold_ensembles(out, list(summaries), summaries[entries[0][0]]["labels"], features)
         row = {"family": "ensemble"}
         for key in METRICS:
             row[f"{key}_mean"], row[f"{key}_std"] = result[key]["mean"], result[key]["std"]
@@ -144,6 +160,12 @@ def run_compare(config: TrainConfig, families: list[str], out: str | Path, *, ma
             if key in result["uniform"]:
                 uniform[f"{key}_mean"], uniform[f"{key}_std"] = result["uniform"][key]["mean"], result["uniform"][key]["std"]
         rows += [row, uniform]
+        if "self_trained" in result:
+            adapted = dict(row, family="ensemble + self-training")
+            for key in METRICS:
+                adapted[f"{key}_mean"], adapted[f"{key}_std"] = (result["self_trained"][key]["mean"],
+                                                                 result["self_trained"][key]["std"])
+            rows.append(adapted)
     table = pd.DataFrame(rows)
     table.to_csv(out / "comparison.csv", index=False)
     (out / "comparison.md").write_text(comparison_markdown(table, config))
@@ -155,7 +177,25 @@ def run_compare(config: TrainConfig, families: list[str], out: str | Path, *, ma
     return table
 
 
-def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
+def _functionals_by_path(config: TrainConfig, data, summaries: dict) -> dict[str, np.ndarray]:
+    """path -> the (speaker-normalised) features every member was fitted on: one feature config for all."""
+    from ser_ray.features.config import FeatureConfig
+    from ser_ray.features.pipeline import features_array
+    from ser_ray.train.data import feature_rows, label_mapped, load_manifest
+
+    configs = {json.dumps(s["feature_config"], sort_keys=True) for s in summaries.values()}
+    if len(configs) != 1:
+        raise ValueError("self-training needs members that read the same features; these read "
+                         f"{len(configs)} different feature configs")
+    manifest, _ = label_mapped(load_manifest(config), config.label_map)
+    rows, _ = feature_rows(manifest, FeatureConfig.from_dict(json.loads(configs.pop())), data.cache_root,
+                           speaker_norm=data.speaker_norm)
+    rows = rows[rows["error"].isna()] if "error" in rows else rows
+    return dict(zip(rows["path"], features_array(rows)))
+
+
+def fold_ensembles(out: Path, names: list[str], labels: list[str],
+                   features: dict[str, np.ndarray] | None = None) -> dict:
     """Per fold, an ensemble of the members ``out/<name>/fold_<i>``; written to ``out/ensemble/``.
 
     On held-out predictions of each fold's non-test speakers one temperature per member, then simplex
@@ -166,6 +206,11 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
     deep family, every training speaker when all members are classical (their inner cross-validation's
     ``oof_predictions.parquet``: one validation speaker is a noisy judge of weights). Folds every member
     finished are used. Returns the summary (``summary.json``).
+
+    ``features`` (path -> functionals of every clip; classical members only) also self-trains each
+    fold's ensemble on its test speakers' unlabelled clips (``ser_ray.train.self_train``, the
+    threshold chosen on the fold's training speakers, folds as Ray tasks): each fold then records
+    ``self_train`` and its ``self_trained_ua``, and the summary a ``self_trained`` block.
     """
     from scipy.special import softmax
 
@@ -179,7 +224,7 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
     folds = sorted(set.intersection(*fold_sets)) if fold_sets else []
     if not folds:
         raise ValueError(f"no fold has validation predictions from every member of {names}")
-    per_fold = []
+    per_fold, to_self_train = [], []
     for fold in folds:
         val, test = [], []
         for name in names:
@@ -218,6 +263,22 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
         log.info("fold %d ensemble: test UA %.3f (members %s; weights %s)", fold, metrics["ua"],
                  ", ".join(f"{n} {u:.3f}" for n, u in metrics["members"].items()),
                  ", ".join(f"{n} {w:.2f}" for n, w in metrics["weights"].items()))
+        if features is not None:
+            to_self_train.append(dict(
+                fold_dirs=[CvResult(out / n).fold_dir(fold) for n in names], temperatures=temps,
+                weights=weights, x_train=np.stack([features[p] for p in val_paths]), y_train=y_val,
+                train_speakers=speakers, oof_probs=np.tensordot(weights, np.stack(val_probs), axes=1),
+                x_test=np.stack([features[p] for p in test_paths]),
+                test_speakers=test[0].loc[test_paths, "speaker"].astype(str).to_numpy(), test_probs=mix, y_test=y_test))
+    self_trained = None
+    if features is not None:
+        self_trained = _self_train_folds(to_self_train, labels)
+        for metrics, (adapted, info) in zip(per_fold, self_trained):
+            metrics.update(self_train=info, self_trained_ua=adapted["ua"], self_trained_wa=adapted["wa"],
+                           self_trained_macro_f1=adapted["macro_f1"])
+            log.info("fold %d ensemble self-trained on its test speakers (threshold %s, %d clips pseudo-labelled): "
+                     "test UA %.3f -> %.3f", metrics["fold"], info["threshold"], info["pseudo_labelled"],
+                     metrics["ua"], adapted["ua"])
     summary = {**summarize_folds(per_fold), "members": names, "labels": labels, "folds": folds,
                # equal weights over the calibrated members (nothing fitted but T): with few held-out
                # speakers, fitted weights can follow their noise
@@ -225,11 +286,44 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str]) -> dict:
                "uniform": {key: summarize_folds(per_fold, keys=(f"uniform_{key}",))[f"uniform_{key}"]
                            for key in ("ua", "wa", "macro_f1")},
                "per_fold": [{k: m[k] for k in ("fold", "ua", "wa", "macro_f1", "uniform_ua", "members", "weights",
-                                               "weighting", "temperatures", "n_val", "n_test", "test_speakers")} for m in per_fold]}
+                                               "weighting", "temperatures", "n_val", "n_test", "test_speakers")}
+                            | ({"self_train": m["self_train"], "self_trained_ua": m["self_trained_ua"]}
+                               if self_trained else {}) for m in per_fold]}
+    if self_trained:
+        summary["self_trained"] = {key: summarize_folds(per_fold, keys=(f"self_trained_{key}",))[f"self_trained_{key}"]
+                                   for key in ("ua", "wa", "macro_f1")}
     (ens_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     log.info("per-fold ensemble of %s over %d fold(s): UA %.3f ± %.3f", ", ".join(names), len(folds),
              summary["ua"]["mean"], summary["ua"]["std"])
     return summary
+
+
+def _self_train_folds(folds: list[dict], labels: list[str]) -> list[tuple[dict, dict]]:
+    """Self-train each fold's ensemble (a Ray task per fold, 1 CPU each); per fold the self-trained
+    test metrics and what :func:`ser_ray.train.self_train.self_train_fold` did."""
+    import ray
+
+    from ser_ray.models import load_model
+    from ser_ray.train.metrics import classification_metrics
+    from ser_ray.train.self_train import Member, self_train_fold
+
+    @ray.remote(num_cpus=1)
+    def one(members, weights, x_train, y_train, train_speakers, oof_probs, x_test, test_speakers, test_probs):
+        import torch
+
+        torch.set_num_threads(1)
+        return self_train_fold(members, weights, x_train, y_train, train_speakers, oof_probs, x_test,
+                               test_speakers, test_probs)
+
+    refs = []
+    for f in folds:
+        members = [Member(load_model(str(d / "model"))[0], t) for d, t in zip(f["fold_dirs"], f["temperatures"])]
+        refs.append(one.remote(members, f["weights"], f["x_train"], f["y_train"], f["train_speakers"],
+                               f["oof_probs"], f["x_test"], f["test_speakers"], f["test_probs"]))
+    results = []
+    for f, (probs, info) in zip(folds, ray.get(refs)):
+        results.append((classification_metrics(f["y_test"], probs.argmax(1), labels), info))
+    return results
 
 
 def comparison_markdown(table: pd.DataFrame, config: TrainConfig) -> str:
@@ -256,7 +350,12 @@ def comparison_markdown(table: pd.DataFrame, config: TrainConfig) -> str:
                  "weights where those predict left-out speakers better (`weighting` per fold); its "
                  "inference time is the members' sum. The uniform row: the same calibrated members, "
                  "equal weights."
-                 if "ensemble" in set(table["family"]) else ""), ""]
+                 if "ensemble" in set(table["family"]) else "")
+              + (" The self-training row: each fold's ensemble refitted per test speaker with that speaker's "
+                 "clips it labels confidently (pseudo-labels; the threshold, or none, chosen on the training "
+                 "speakers; `self_train` per fold in out/ensemble/summary.json). Test labels are never read, but "
+                 "the test speakers' clips are: transductive, like speaker normalisation."
+                 if "ensemble + self-training" in set(table["family"]) else ""), ""]
     return "\n".join(lines)
 
 

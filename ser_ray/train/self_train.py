@@ -1,0 +1,107 @@
+"""Self-training of a per-fold classical ensemble on each test speaker's unlabelled clips.
+
+Speaker-adaptive evaluation (``normalise_by: speaker``) already reads a test speaker's clips, without
+their labels, to standardise them. Self-training takes the same clips one step further: the ensemble
+labels them, the clips it labels with confidence at least ``threshold`` join the training rows with
+those labels, every member is refitted with the setting its inner cross-validation chose, and the
+refitted ensemble labels the speaker's clips again. Test labels are never read.
+
+The threshold (or none: no self-training) is chosen per fold on the training speakers alone: each
+inner fold's held-out speakers are self-trained one at a time from their out-of-fold ensemble
+probabilities, exactly as a test speaker is, and the setting with the best out-of-fold UA wins (ties:
+no self-training, then the higher threshold). Only classical members refit in seconds, so only
+ensembles of classical members self-train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+from scipy.special import softmax
+
+THRESHOLDS = (0.5, 0.7, 0.9)  # ensemble probability a pseudo-label needs
+INNER_FOLDS = 5  # as the members' own inner cross-validation
+
+
+@dataclasses.dataclass
+class Member:
+    """A fitted classical model and the temperature the ensemble applies to its log-probabilities."""
+
+    model: object  # a ser_ray.models.classical._ClassicalModel after fit_arrays
+    temperature: float = 1.0
+
+
+def mixture(members: Sequence[Member], weights: np.ndarray, x_fit, y_fit, x_pred, *, final: bool = True) -> np.ndarray:
+    """The ensemble's probabilities for ``x_pred`` with every member refitted on ``(x_fit, y_fit)``."""
+    probs = [softmax(m.model.refit_logits(x_fit, y_fit, x_pred, final=final) / m.temperature, axis=1)
+             for m in members]
+    return np.tensordot(np.asarray(weights, dtype=np.float64), np.stack(probs), axes=1)
+
+
+def self_train_group(members: Sequence[Member], weights: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
+                     x_group: np.ndarray, group_probs: np.ndarray, threshold: float, *,
+                     final: bool = True) -> tuple[np.ndarray, int]:
+    """One group (a speaker's clips): the ensemble refitted on the training rows plus the group's clips
+    whose probability ``group_probs`` reaches ``threshold`` (labelled with their argmax); returns its
+    probabilities for the whole group and how many clips were pseudo-labelled."""
+    keep = group_probs.max(axis=1) >= threshold
+    if not keep.any():
+        return group_probs, 0
+    x_fit = np.concatenate([x_train, x_group[keep]])
+    y_fit = np.concatenate([y_train, group_probs.argmax(axis=1)[keep]])
+    return mixture(members, weights, x_fit, y_fit, x_group, final=final), int(keep.sum())
+
+
+def choose_threshold(members: Sequence[Member], weights: np.ndarray, x: np.ndarray, y: np.ndarray,
+                     speakers: np.ndarray, oof_probs: np.ndarray,
+                     thresholds: Sequence[float] = THRESHOLDS) -> tuple[float | None, dict]:
+    """The threshold (None: no self-training) with the best out-of-fold UA on the training rows.
+
+    ``oof_probs`` are the ensemble's out-of-fold probabilities of the training rows ``x, y`` (each
+    predicted by members that never saw its speaker). For each threshold, every inner fold's held-out
+    speakers are self-trained one at a time (members refitted on the inner fold's training rows) and
+    the UA over all rows is compared with the UA of ``oof_probs``. Returns ``(threshold, {"none": ua,
+    "0.5": ua, ...})``.
+    """
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import GroupKFold
+
+    speakers = np.asarray(speakers).astype(str)
+    scores = {"none": float(balanced_accuracy_score(y, oof_probs.argmax(1)))}
+    n_groups = len(np.unique(speakers))
+    if n_groups < 2:
+        return None, scores
+    splits = list(GroupKFold(n_splits=min(INNER_FOLDS, n_groups)).split(x, y, speakers))
+    for threshold in thresholds:
+        probs = oof_probs.copy()
+        for fit_idx, held_idx in splits:
+            for speaker in np.unique(speakers[held_idx]):
+                rows = held_idx[speakers[held_idx] == speaker]
+                probs[rows], _ = self_train_group(members, weights, x[fit_idx], y[fit_idx], x[rows], oof_probs[rows],
+                                                  threshold, final=False)
+        scores[str(threshold)] = float(balanced_accuracy_score(y, probs.argmax(1)))
+    # ties: no self-training first, then the higher (more cautious) threshold
+    order = [None] + sorted(thresholds, reverse=True)
+    best = max(order, key=lambda t: (scores["none" if t is None else str(t)], -order.index(t)))
+    return best, scores
+
+
+def self_train_fold(members: Sequence[Member], weights: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
+                    train_speakers: np.ndarray, oof_probs: np.ndarray, x_test: np.ndarray,
+                    test_speakers: np.ndarray, test_probs: np.ndarray,
+                    thresholds: Sequence[float] = THRESHOLDS) -> tuple[np.ndarray, dict]:
+    """A fold's test probabilities after self-training on each test speaker's clips (the threshold
+    chosen on the training speakers by :func:`choose_threshold`), and what was done."""
+    threshold, scores = choose_threshold(members, weights, x_train, y_train, train_speakers, oof_probs, thresholds)
+    out = np.array(test_probs, dtype=np.float64, copy=True)
+    pseudo = 0
+    if threshold is not None:
+        test_speakers = np.asarray(test_speakers).astype(str)
+        for speaker in np.unique(test_speakers):
+            rows = np.flatnonzero(test_speakers == speaker)
+            out[rows], n = self_train_group(members, weights, x_train, y_train, x_test[rows], test_probs[rows],
+                                            threshold)
+            pseudo += n
+    return out, {"threshold": threshold, "inner_ua": scores, "pseudo_labelled": pseudo}
