@@ -90,7 +90,8 @@ def cluster(s3_server, tmp_path_factory):
     nodes that share no disk. ``cluster["workers"]()`` gives the two running worker nodes, starting a
     replacement for any a test killed (what an autoscaler does)."""
     logs = tmp_path_factory.mktemp("cluster-logs")
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
+    # no 30 s drain on SIGTERM (Ray's default for `ray start --block`): teardown, not a rolling upgrade
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     port, dash = free_port(), free_port()
     head_tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths have a length limit

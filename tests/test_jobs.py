@@ -35,7 +35,8 @@ def ray_head():
     """
     port, dash = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
+    # no 30 s drain on SIGTERM (Ray's default for `ray start --block`): teardown, not a rolling upgrade
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     cmd = [
         RAY, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", f"--port={port}",
