@@ -141,31 +141,19 @@ def run_compare(config: TrainConfig, families: list[str], out: str | Path, *, ma
         hp = {**((hparams or {}).get(name) or {}), **spec_hparams} or None
         cfg = dataclasses.replace(family_config(config, family, hp), data=data)
         summaries[name] = summary = run_cv(cfg, out / name, max_folds=max_folds)
-        row = {"family": name}
-        for key in METRICS:
-            row[f"{key}_mean"], row[f"{key}_std"] = summary[key]["mean"], summary[key]["std"]
+        row = {"family": name, **_score_cells(summary)}
         row.update(model_costs(out / name, summary), folds=len(summary["folds_run"]), result_dir=str(out / name))
         rows.append(row)
     if ensemble:
         features = _functionals_by_path(config, data, summaries) if self_train else None
         result = fold_ensembles(out, list(summaries), summaries[entries[0][0]]["labels"], features)
-        row = {"family": "ensemble"}
-        for key in METRICS:
-            row[f"{key}_mean"], row[f"{key}_std"] = result[key]["mean"], result[key]["std"]
+        row = {"family": "ensemble", **_score_cells(result)}
         row.update(params=sum(r["params"] or 0 for r in rows), train_s_per_epoch=float("nan"),
                    infer_ms_per_clip=sum(r["infer_ms_per_clip"] for r in rows), folds=len(result["folds"]),
                    result_dir=str(out / "ensemble"))
-        uniform = dict(row, family="ensemble (uniform)")
-        for key in METRICS:
-            if key in result["uniform"]:
-                uniform[f"{key}_mean"], uniform[f"{key}_std"] = result["uniform"][key]["mean"], result["uniform"][key]["std"]
-        rows += [row, uniform]
+        rows += [row, dict(row, family="ensemble (uniform)", **_score_cells(result["uniform"]))]
         if "self_trained" in result:
-            adapted = dict(row, family="ensemble + self-training")
-            for key in METRICS:
-                adapted[f"{key}_mean"], adapted[f"{key}_std"] = (result["self_trained"][key]["mean"],
-                                                                 result["self_trained"][key]["std"])
-            rows.append(adapted)
+            rows.append(dict(row, family="ensemble + self-training", **_score_cells(result["self_trained"])))
     table = pd.DataFrame(rows)
     table.to_csv(out / "comparison.csv", index=False)
     (out / "comparison.md").write_text(comparison_markdown(table, config))
@@ -175,6 +163,19 @@ def run_compare(config: TrainConfig, families: list[str], out: str | Path, *, ma
                     + f", {int(table['folds'].max())} fold(s)")
     log.info("compare: %d families -> %s", len(table), out / "comparison.csv")
     return table
+
+
+def _score_cells(scores: dict) -> dict:
+    """Table cells ``{ua_mean, ua_std, wa_mean, ...}`` from a summary's ``{ua: {mean, std}, ...}``."""
+    return {f"{key}_{stat}": scores[key][stat] for key in METRICS for stat in ("mean", "std")}
+
+
+def _prefixed_scores(per_fold: list[dict], prefix: str) -> dict:
+    """``{ua: {mean, std, values}, ...}`` over the folds' ``<prefix>_ua``, ``<prefix>_wa``, ... metrics."""
+    from ser_ray.train.metrics import summarize_folds
+
+    scores = summarize_folds(per_fold, keys=tuple(f"{prefix}_{key}" for key in METRICS))
+    return {key: scores[f"{prefix}_{key}"] for key in METRICS}
 
 
 def _functionals_by_path(config: TrainConfig, data, summaries: dict) -> dict[str, np.ndarray]:
@@ -283,15 +284,13 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str],
                # equal weights over the calibrated members (nothing fitted but T): with few held-out
                # speakers, fitted weights can follow their noise
                "uniform_weights": summarize_folds(per_fold, keys=("uniform_ua",))["uniform_ua"],
-               "uniform": {key: summarize_folds(per_fold, keys=(f"uniform_{key}",))[f"uniform_{key}"]
-                           for key in ("ua", "wa", "macro_f1")},
+               "uniform": _prefixed_scores(per_fold, "uniform"),
                "per_fold": [{k: m[k] for k in ("fold", "ua", "wa", "macro_f1", "uniform_ua", "members", "weights",
                                                "weighting", "temperatures", "n_val", "n_test", "test_speakers")}
                             | ({"self_train": m["self_train"], "self_trained_ua": m["self_trained_ua"]}
                                if self_trained else {}) for m in per_fold]}
     if self_trained:
-        summary["self_trained"] = {key: summarize_folds(per_fold, keys=(f"self_trained_{key}",))[f"self_trained_{key}"]
-                                   for key in ("ua", "wa", "macro_f1")}
+        summary["self_trained"] = _prefixed_scores(per_fold, "self_trained")
     (ens_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     log.info("per-fold ensemble of %s over %d fold(s): UA %.3f ± %.3f", ", ".join(names), len(folds),
              summary["ua"]["mean"], summary["ua"]["std"])

@@ -54,6 +54,21 @@ def self_train_group(members: Sequence[Member], weights: np.ndarray, x_train: np
     return mixture(members, weights, x_fit, y_fit, x_group, final=final), int(keep.sum())
 
 
+def self_train_speakers(members: Sequence[Member], weights: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
+                        x: np.ndarray, speakers: np.ndarray, probs: np.ndarray, threshold: float, *,
+                        final: bool = True) -> tuple[np.ndarray, int]:
+    """:func:`self_train_group` for each speaker of ``x`` on its own; the probabilities of all rows and
+    how many clips were pseudo-labelled in all."""
+    out = np.array(probs, dtype=np.float64, copy=True)
+    speakers = np.asarray(speakers).astype(str)
+    pseudo = 0
+    for speaker in np.unique(speakers):
+        rows = np.flatnonzero(speakers == speaker)
+        out[rows], n = self_train_group(members, weights, x_train, y_train, x[rows], probs[rows], threshold, final=final)
+        pseudo += n
+    return out, pseudo
+
+
 def choose_threshold(members: Sequence[Member], weights: np.ndarray, x: np.ndarray, y: np.ndarray,
                      speakers: np.ndarray, oof_probs: np.ndarray,
                      thresholds: Sequence[float] = THRESHOLDS) -> tuple[float | None, dict]:
@@ -77,10 +92,8 @@ def choose_threshold(members: Sequence[Member], weights: np.ndarray, x: np.ndarr
     for threshold in thresholds:
         probs = oof_probs.copy()
         for fit_idx, held_idx in splits:
-            for speaker in np.unique(speakers[held_idx]):
-                rows = held_idx[speakers[held_idx] == speaker]
-                probs[rows], _ = self_train_group(members, weights, x[fit_idx], y[fit_idx], x[rows], oof_probs[rows],
-                                                  threshold, final=False)
+            probs[held_idx], _ = self_train_speakers(members, weights, x[fit_idx], y[fit_idx], x[held_idx],
+                                                     speakers[held_idx], oof_probs[held_idx], threshold, final=False)
         scores[str(threshold)] = float(balanced_accuracy_score(y, probs.argmax(1)))
     # ties: no self-training first, then the higher (more cautious) threshold
     order = [None] + sorted(thresholds, reverse=True)
@@ -95,13 +108,8 @@ def self_train_fold(members: Sequence[Member], weights: np.ndarray, x_train: np.
     """A fold's test probabilities after self-training on each test speaker's clips (the threshold
     chosen on the training speakers by :func:`choose_threshold`), and what was done."""
     threshold, scores = choose_threshold(members, weights, x_train, y_train, train_speakers, oof_probs, thresholds)
-    out = np.array(test_probs, dtype=np.float64, copy=True)
-    pseudo = 0
+    out, pseudo = np.asarray(test_probs, dtype=np.float64), 0
     if threshold is not None:
-        test_speakers = np.asarray(test_speakers).astype(str)
-        for speaker in np.unique(test_speakers):
-            rows = np.flatnonzero(test_speakers == speaker)
-            out[rows], n = self_train_group(members, weights, x_train, y_train, x_test[rows], test_probs[rows],
-                                            threshold)
-            pseudo += n
+        out, pseudo = self_train_speakers(members, weights, x_train, y_train, x_test, test_speakers, test_probs,
+                                          threshold)
     return out, {"threshold": threshold, "inner_ua": scores, "pseudo_labelled": pseudo}
