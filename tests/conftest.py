@@ -30,6 +30,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ray_node_env() -> dict[str, str]:
+    """The environment of a ``ray start`` node a test starts (and of its clients): token auth as a user's
+    ``ray start --head`` has it, this checkout importable, no inherited address, and no 30 s drain on
+    SIGTERM (Ray's default for ``ray start --block``): the tests tear nodes down, not upgrade them."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 @pytest.fixture(scope="session")
 def emodb_root() -> Path:
     if not EMODB.is_dir():

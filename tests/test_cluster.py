@@ -25,7 +25,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import free_port
+from conftest import free_port, ray_node_env
 from ser_ray.annotate.writer import ResultWriter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,9 +90,7 @@ def cluster(s3_server, tmp_path_factory):
     nodes that share no disk. ``cluster["workers"]()`` gives the two running worker nodes, starting a
     replacement for any a test killed (what an autoscaler does)."""
     logs = tmp_path_factory.mktemp("cluster-logs")
-    # no 30 s drain on SIGTERM (Ray's default for `ray start --block`): teardown, not a rolling upgrade
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-    env.pop("RAY_ADDRESS", None)
+    env = ray_node_env()
     port, dash = free_port(), free_port()
     head_tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths have a length limit
     head = _start(["--head", "--num-cpus=0", f"--port={port}", "--include-dashboard=true",

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import free_port
+from conftest import free_port, ray_node_env
 from ser_ray.annotate.writer import ResultWriter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,9 +35,7 @@ def ray_head():
     """
     port, dash = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
-    # no 30 s drain on SIGTERM (Ray's default for `ray start --block`): teardown, not a rolling upgrade
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-    env.pop("RAY_ADDRESS", None)
+    env = ray_node_env()
     cmd = [
         RAY, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", f"--port={port}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
