@@ -3,6 +3,7 @@ the fitted scikit-learn models, saving and loading, and ``ser-ray cv`` with them
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -92,6 +93,50 @@ def test_classical_fit_matches_sklearn_and_round_trips(tmp_path, family, hparams
     with torch.no_grad():
         np.testing.assert_allclose(loaded(torch.as_tensor(x)).numpy(), model(torch.as_tensor(x)).numpy(), atol=1e-5)
     assert meta.hparams[key] == getattr(model.hparams, key)
+
+
+def test_bag_of_audio_words_counts_the_clips_voiced_frames_against_learnt_words(tmp_path):
+    """``boaw``: a codebook learnt from the training clips' MFCC frames, one histogram per codebook with
+    ``assignments`` counts per counted frame, the zero padding and pauses not counted, and a classifier
+    that separates voices by pitch and level; it saves and loads like the other classical families."""
+    fc = dataclasses.replace(family_feature_config("boaw"), window_s=1.5)
+    extractor = FeatureExtractor(fc)
+    pitches, levels = (110.0, 180.0, 260.0), (0.05, 0.2, 0.6)  # three "emotions"
+    clips, y, g = [], [], []
+    for speaker in range(4):
+        for c, (f0, level) in enumerate(zip(pitches, levels)):
+            for k in range(4):
+                seconds = 0.6 + 0.1 * k
+                clips.append(extractor.prepare_wave(voice(seconds, f0 * (1 + 0.04 * speaker), level, seed=speaker * 50 + k), SR))
+                y.append(c)
+                g.append(f"s{speaker}")
+    x = extractor(np.stack(clips))
+    y, g = np.array(y), np.array(g)
+    model = build_model("boaw", 3, fc, codebook_size=24, assignments=3, codebooks=2)
+    assert model.num_features == 48
+    info = model.fit_arrays(x, y, g)
+    assert info["inner_ua"] > 0.9 and model.codebook.abs().sum(-1).gt(0).all()
+    with torch.no_grad():
+        encoded = model.encode(torch.as_tensor(x))
+        counts = torch.expm1(encoded) / 100  # per codebook, each counted frame adds `assignments` counts
+        np.testing.assert_allclose(counts.view(len(x), 2, 24).sum(-1).numpy(), 3.0, rtol=1e-4)
+        # the padding is not counted: the same clip in a longer window gives the same histogram
+        longer = FeatureExtractor(dataclasses.replace(fc, window_s=3.0))
+        wide = longer(longer.prepare_wave(voice(0.6, 110.0, 0.05, seed=0), SR)[None])
+        np.testing.assert_allclose(model.encode(torch.as_tensor(wide)).numpy(), encoded[:1].numpy(), atol=1e-5)
+        _, counted = model.frames(torch.as_tensor(x[:1]))
+        assert abs(counted.sum().item() - 0.6 * SR / fc.hop_length) <= 3  # the 0.6 s clip's frames only
+        probs = torch.softmax(model(torch.as_tensor(x)), -1).numpy()
+    assert (probs.argmax(1) == y).mean() > 0.9
+    save_model(str(tmp_path / "m"), model, family="boaw", hparams=None, labels=["a", "b", "c"], feature_config=fc)
+    loaded, meta = load_model(str(tmp_path / "m"))
+    with torch.no_grad():
+        np.testing.assert_allclose(torch.softmax(loaded(torch.as_tensor(x)), -1).numpy(), probs, atol=1e-5)
+    assert meta.hparams["C"] == model.hparams.C is not None
+    with pytest.raises(ValueError, match="audio words"):  # fewer frames than words: said, not fitted
+        build_model("boaw", 3, fc, codebook_size=5000).fit_arrays(x, y, g)
+    with pytest.raises(ValueError, match="MFCC"):
+        model.encode(torch.zeros(2, 7, 10))
 
 
 def test_self_training_refits_on_the_confident_pseudo_labels_only():

@@ -266,8 +266,8 @@ from ser_ray.models import acrnn, bigru_attn, cnn, wav2vec2  # noqa: E402,F401
 # The model zoo: the families of the projects ser-ray grew from.
 from ser_ray.models import dummynet, exponet, mfcc_cnn, parallel, rezonet, td_cnn  # noqa: E402,F401
 
-# Classical families on utterance functionals (fitted by scikit-learn, run as torch modules).
-from ser_ray.models import classical  # noqa: E402,F401
+# Classical families on utterance functionals and MFCC frames (fitted by scikit-learn, run as torch modules).
+from ser_ray.models import boaw, classical  # noqa: E402,F401
 
 __all__ = [
     "MODELS",

@@ -68,16 +68,34 @@ class _ClassicalModel(nn.Module):
             raise ValueError(f"class_weight {hparams.class_weight!r}: choose balanced or none")
         self.num_classes = num_classes
         self.hparams = hparams
-        self.num_features = int(np.prod(feature_config.shape))
+        self.num_features = self.encoded_size(feature_config, hparams)
         self.register_buffer("mean", torch.zeros(self.num_features))
         self.register_buffer("scale", torch.ones(self.num_features))
         self.register_buffer("logit_scale", torch.ones(()))
 
-    def standardise(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.flatten(1).float() - self.mean) / self.scale
+    # -- from cached features to the vector the classifier reads ----------------------------------
+    @staticmethod
+    def encoded_size(feature_config: FeatureConfig, hparams) -> int:
+        """Length of the vector ``encode`` makes of one clip (functionals: the vector itself)."""
+        return int(np.prod(feature_config.shape))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Cached features ``[B, C, F]`` -> ``[B, num_features]`` (functionals: flattened)."""
+        return x.flatten(1).float()
+
+    def fit_encoder(self, x: np.ndarray) -> None:
+        """Learn what ``encode`` needs from the training clips' features (never their labels);
+        functionals need nothing."""
+
+    def encode_array(self, x: np.ndarray) -> np.ndarray:
+        """``encode`` for fitting: numpy in, float64 ``[N, num_features]`` out."""
+        return np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+
+    def standardise(self, v: torch.Tensor) -> torch.Tensor:
+        return (v - self.mean) / self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decision(self.standardise(x)) * self.logit_scale
+        return self.decision(self.standardise(self.encode(x))) * self.logit_scale
 
     # -- fitting ---------------------------------------------------------------------------------
     def candidates(self) -> list[dict]:
@@ -103,8 +121,7 @@ class _ClassicalModel(nn.Module):
         not changed. What self-training (``ser_ray.train.self_train``) refits; ``final=False`` fits
         the way the inner CV does (the MLP: one network instead of ``seeds``)."""
         def z(x):
-            x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
-            return (x - self.mean.double().numpy()) / self.scale.double().numpy()
+            return (self.encode_array(x) - self.mean.double().numpy()) / self.scale.double().numpy()
 
         (params,) = self.candidates()  # after fit_arrays the hparams name one setting
         estimator = self._fit_scaled(z(x_fit), np.asarray(y_fit, dtype=np.int64), params, final=final)
@@ -122,7 +139,8 @@ class _ClassicalModel(nn.Module):
         from sklearn.model_selection import GroupKFold
 
         start = time.perf_counter()
-        x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+        self.fit_encoder(x)
+        x = self.encode_array(x)
         if x.shape[1] != self.num_features:
             raise ValueError(f"{self.family}: features have {x.shape[1]} values, the model expects {self.num_features}")
         y = np.asarray(y, dtype=np.int64)

@@ -76,7 +76,7 @@ DEFAULT_SPACES: dict[str, dict] = {
             "noise_snr_db": tune.uniform(5.0, 25.0),  # low end of the added-noise SNR range (dB)
         },
     },
-    # Classical families: scikit-learn on utterance functionals (no epochs, no lr).
+    # Classical families: scikit-learn on utterance functionals or MFCC frames (no epochs, no lr).
     "logreg": {"hparams": {"C": tune.loguniform(1e-4, 1.0), "class_weight": tune.choice(["balanced", "none"])}},
     "svm": {
         "hparams": {
@@ -87,6 +87,9 @@ DEFAULT_SPACES: dict[str, dict] = {
         },
     },
     "mlp": {"hparams": {"hidden": tune.choice([64, 128, 256]), "alpha": tune.loguniform(0.1, 100.0)}},
+    # bag of audio words: MFCC frames counted against k-means codebooks, then logistic regression
+    "boaw": {"hparams": {"C": tune.loguniform(1e-4, 1.0), "codebook_size": tune.choice([500, 1000, 2000]),
+                         "assignments": tune.choice([10, 20, 40])}},
 }
 
 # YAML distribution name -> Ray Tune constructor taking the listed values
