@@ -126,6 +126,12 @@ def test_bag_of_audio_words_counts_the_clips_voiced_frames_against_learnt_words(
         np.testing.assert_allclose(model.encode(torch.as_tensor(wide)).numpy(), encoded[:1].numpy(), atol=1e-5)
         _, counted = model.frames(torch.as_tensor(x[:1]))
         assert abs(counted.sum().item() - 0.6 * SR / fc.hop_length) <= 3  # the 0.6 s clip's frames only
+        # speaker / recording standardisation (normalise_by) keeps which frames are counted
+        from ser_ray.features.speaker_norm import standardise_group
+
+        _, counted_all = model.frames(torch.as_tensor(x))
+        _, counted_std = model.frames(torch.as_tensor(standardise_group(x)))
+        assert torch.equal(counted_all, counted_std)
         probs = torch.softmax(model(torch.as_tensor(x)), -1).numpy()
     assert (probs.argmax(1) == y).mean() > 0.9
     save_model(str(tmp_path / "m"), model, family="boaw", hparams=None, labels=["a", "b", "c"], feature_config=fc)

@@ -25,7 +25,7 @@ from torchaudio.functional import compute_deltas
 
 from ser_ray.features.config import FeatureConfig
 from ser_ray.models import register
-from ser_ray.models.classical import FUNCTIONALS, LogisticRegressionModel
+from ser_ray.models.classical import FUNCTIONALS, LogisticRegressionModel, mean_scale
 
 DELTA_WIDTH = 9  # frames in the delta regression (librosa.feature.delta's default width)
 ENCODE_BATCH = 64  # clips per cdist call while fitting (frames x words distances stay ~80 MB)
@@ -46,6 +46,7 @@ class BagOfAudioWordsModel(LogisticRegressionModel):
     """Codebook histograms of MFCC + Δ + ΔΔ frames, then multinomial logistic regression."""
 
     Hparams = BoAWHparams
+    learns_encoder = True
 
     def __init__(self, num_classes: int, feature_config: FeatureConfig, hparams: BoAWHparams):
         if min(hparams.codebook_size, hparams.assignments, hparams.codebooks) < 1 or \
@@ -104,8 +105,7 @@ class BagOfAudioWordsModel(LogisticRegressionModel):
         if len(frames) < hp.codebook_size:
             raise ValueError(f"boaw: {len(frames)} training frames cannot make {hp.codebook_size} audio words; "
                              "lower codebook_size")
-        mean, scale = frames.mean(axis=0), frames.std(axis=0)
-        scale[scale < 1e-8] = 1.0
+        mean, scale = mean_scale(frames)
         sample = (frames - mean) / scale
         if len(sample) > hp.max_frames:
             sample = sample[np.random.default_rng(0).choice(len(sample), hp.max_frames, replace=False)]

@@ -14,6 +14,7 @@ likelihood). Training takes seconds, so it runs in the calling process: no Ray T
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import time
@@ -83,6 +84,10 @@ class _ClassicalModel(nn.Module):
         """Cached features ``[B, C, F]`` -> ``[B, num_features]`` (functionals: flattened)."""
         return x.flatten(1).float()
 
+    # True where fit_encoder learns something (boaw's codebooks): the inner CV then learns it again
+    # inside each inner fold; functionals are encoded by a fixed function and standardised once.
+    learns_encoder = False
+
     def fit_encoder(self, x: np.ndarray) -> None:
         """Learn what ``encode`` needs from the training clips' features (never their labels);
         functionals need nothing."""
@@ -90,6 +95,16 @@ class _ClassicalModel(nn.Module):
     def encode_array(self, x: np.ndarray) -> np.ndarray:
         """``encode`` for fitting: numpy in, float64 ``[N, num_features]`` out."""
         return np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+
+    def _inner_fold_features(self, raw: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray):
+        """Standardised encodings of an inner fold's training and held-out rows by an encoder learnt
+        from the training rows alone (a copy of this model), so out-of-fold predictions never come
+        from audio words the held-out speakers shaped."""
+        scratch = copy.deepcopy(self)
+        scratch.fit_encoder(raw[train_idx])
+        v_train, v_test = scratch.encode_array(raw[train_idx]), scratch.encode_array(raw[test_idx])
+        mean, scale = mean_scale(v_train)
+        return (v_train - mean) / scale, (v_test - mean) / scale
 
     def standardise(self, v: torch.Tensor) -> torch.Tensor:
         return (v - self.mean) / self.scale
@@ -139,15 +154,14 @@ class _ClassicalModel(nn.Module):
         from sklearn.model_selection import GroupKFold
 
         start = time.perf_counter()
-        self.fit_encoder(x)
-        x = self.encode_array(x)
+        raw = x
+        self.fit_encoder(raw)
+        x = self.encode_array(raw)
         if x.shape[1] != self.num_features:
             raise ValueError(f"{self.family}: features have {x.shape[1]} values, the model expects {self.num_features}")
         y = np.asarray(y, dtype=np.int64)
         groups = np.asarray(groups).astype(str)
-        mean = x.mean(axis=0)
-        scale = x.std(axis=0)
-        scale[scale < 1e-8] = 1.0
+        mean, scale = mean_scale(x)
         z = (x - mean) / scale
         n_groups = len(np.unique(groups))
         candidates = self.candidates()
@@ -155,15 +169,18 @@ class _ClassicalModel(nn.Module):
         oof: dict[int, np.ndarray] = {}
         if n_groups >= 2:
             splits = list(GroupKFold(n_splits=min(INNER_FOLDS, n_groups)).split(z, y, groups))
+            decisions = [np.zeros((len(y), self.num_classes)) for _ in candidates]
+            for train_idx, test_idx in splits:
+                if len(np.unique(y[train_idx])) < 2:
+                    continue
+                z_train, z_test = (self._inner_fold_features(raw, train_idx, test_idx) if self.learns_encoder
+                                   else (z[train_idx], z[test_idx]))
+                for i, params in enumerate(candidates):
+                    est = self._fit_scaled(z_train, y[train_idx], params)
+                    decisions[i][test_idx] = self._decision(est, z_test)
             for i, params in enumerate(candidates):
-                decision = np.zeros((len(y), self.num_classes))
-                for train_idx, test_idx in splits:
-                    if len(np.unique(y[train_idx])) < 2:
-                        continue
-                    est = self._fit_scaled(z[train_idx], y[train_idx], params)
-                    decision[test_idx] = self._decision(est, z[test_idx])
-                oof[i] = decision
-                results.append({**params, "inner_ua": float(balanced_accuracy_score(y, decision.argmax(1)))})
+                oof[i] = decisions[i]
+                results.append({**params, "inner_ua": float(balanced_accuracy_score(y, decisions[i].argmax(1)))})
             best = max(range(len(candidates)), key=lambda i: (results[i]["inner_ua"], -i))
         else:  # one speaker: nothing to validate on, keep the first (most regularised) setting
             best = 0
@@ -382,6 +399,13 @@ def _full_linear(coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray, n
         weight[classes], bias[classes] = coef, intercept
     return weight, bias
 
+
+
+def mean_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and std (constant columns: 1) of a standard scaler."""
+    scale = x.std(axis=0)
+    scale[scale < 1e-8] = 1.0
+    return x.mean(axis=0), scale
 
 
 def _fit_logit_scale(decision: np.ndarray, y: np.ndarray) -> tuple[float, float]:
