@@ -8,7 +8,8 @@ CV and calibration) reads it. Where functionals summarise every descriptor over 
 histogram keeps which spectral shapes occur together in one frame, so its errors differ from the
 functional members' (what an ensemble needs). One codebook's words depend on its k-means seed, and so
 did UA on EmoDB (0.72–0.76 for three seeds), so ``codebooks`` codebooks from different seeds are
-counted side by side.
+counted side by side. The inner cross-validation that chooses ``C`` learns the codebooks again inside
+each inner fold (``learns_encoder``), from that fold's training speakers only.
 
 Frames below the middle of the clip's c0 range (c0: the MFCC that follows the frame's level) are left
 out: the zero padding that makes a clip one window long and pauses. The rule only compares a clip's
