@@ -134,6 +134,17 @@ def test_bag_of_audio_words_counts_the_clips_voiced_frames_against_learnt_words(
         assert torch.equal(counted_all, counted_std)
         probs = torch.softmax(model(torch.as_tensor(x)), -1).numpy()
     assert (probs.argmax(1) == y).mean() > 0.9
+    # an inner fold's rows are encoded with codebooks learnt from that fold's training rows alone;
+    # the kept model's codebooks (learnt from every row) are left as they were
+    kept = model.codebook.clone()
+    train_idx, held_out = np.flatnonzero(g != "s0"), np.flatnonzero(g == "s0")
+    z_train, z_held_out = model._inner_fold_features(x, train_idx, held_out)
+    fold_model = build_model("boaw", 3, fc, codebook_size=24, assignments=3, codebooks=2)
+    fold_model.fit_encoder(x[train_idx])
+    v_train = fold_model.encode_array(x[train_idx])
+    expected = (fold_model.encode_array(x[held_out]) - v_train.mean(0)) / np.where(v_train.std(0) < 1e-8, 1, v_train.std(0))
+    np.testing.assert_allclose(z_held_out, expected, atol=1e-6)
+    assert torch.equal(model.codebook, kept) and not torch.allclose(fold_model.codebook, kept)
     save_model(str(tmp_path / "m"), model, family="boaw", hparams=None, labels=["a", "b", "c"], feature_config=fc)
     loaded, meta = load_model(str(tmp_path / "m"))
     with torch.no_grad():
