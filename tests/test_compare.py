@@ -160,20 +160,24 @@ def test_compare_per_fold_ensemble_of_classical_and_deep_members(ray_session, co
 def test_compare_self_trains_the_classical_ensemble_per_test_speaker(ray_session, corpora, tmp_path):
     """``compare --ensemble --self-train`` with speaker normalisation: each fold's ensemble is refitted
     per test speaker on the clips it labels confidently (the threshold chosen on the training speakers,
-    recorded per fold) and gets its own row; it is refused where it cannot apply."""
+    recorded per fold) and gets its own row, with members that read different features (logreg:
+    functionals, boaw: MFCC frames); it is refused where it cannot apply."""
     from ser_ray.cli import main
     from ser_ray.train.compare import run_compare
     from ser_ray.train.self_train import THRESHOLDS
 
     a, _ = corpora
     out = tmp_path / "compare"
-    argv = ["compare", "--corpus", "synthetic", "--root", str(a), "--families", "logreg,svm", "--ensemble",
+    argv = ["compare", "--corpus", "synthetic", "--root", str(a), "--families",
+            "logreg,boaw:codebook_size=24+assignments=3+codebooks=1", "--ensemble",
             "--self-train", "--protocol", "loso", "--max-folds", "2", "--out", str(out),
             "--set", "data.normalise_by=speaker", *tiny(corpora)]
     assert main(argv) == 0
     table = pd.read_csv(out / "comparison.csv")
-    assert list(table["family"]) == ["logreg", "svm", "ensemble", "ensemble (uniform)", "ensemble + self-training"]
+    boaw = "boaw-codebook_size=24-assignments=3-codebooks=1"
+    assert list(table["family"]) == ["logreg", boaw, "ensemble", "ensemble (uniform)", "ensemble + self-training"]
     summary = json.loads((out / "ensemble" / "summary.json").read_text())
+    assert summary["members"] == ["logreg", boaw]
     assert table.loc[4, "ua_mean"] == pytest.approx(summary["self_trained"]["ua"]["mean"])
     for fold in summary["per_fold"]:
         info = fold["self_train"]

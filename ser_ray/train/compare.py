@@ -145,7 +145,7 @@ def run_compare(config: TrainConfig, families: list[str], out: str | Path, *, ma
         row.update(model_costs(out / name, summary), folds=len(summary["folds_run"]), result_dir=str(out / name))
         rows.append(row)
     if ensemble:
-        features = _functionals_by_path(config, data, summaries) if self_train else None
+        features = _features_by_path(config, data, summaries) if self_train else None
         result = fold_ensembles(out, list(summaries), summaries[entries[0][0]]["labels"], features)
         row = {"family": "ensemble", **_score_cells(result)}
         row.update(params=sum(r["params"] or 0 for r in rows), train_s_per_epoch=float("nan"),
@@ -178,25 +178,27 @@ def _prefixed_scores(per_fold: list[dict], prefix: str) -> dict:
     return {key: scores[f"{prefix}_{key}"] for key in METRICS}
 
 
-def _functionals_by_path(config: TrainConfig, data, summaries: dict) -> dict[str, np.ndarray]:
-    """path -> the (speaker-normalised) features every member was fitted on: one feature config for all."""
+def _features_by_path(config: TrainConfig, data, summaries: dict) -> dict[str, dict[str, np.ndarray]]:
+    """member name -> path -> the (speaker-normalised) features the member was fitted on (members may
+    read different features: each feature config is loaded once from the cache)."""
     from ser_ray.features.config import FeatureConfig
     from ser_ray.features.pipeline import features_array
     from ser_ray.train.data import feature_rows, label_mapped, load_manifest
 
-    configs = {json.dumps(s["feature_config"], sort_keys=True) for s in summaries.values()}
-    if len(configs) != 1:
-        raise ValueError("self-training needs members that read the same features; these read "
-                         f"{len(configs)} different feature configs")
     manifest, _ = label_mapped(load_manifest(config), config.label_map)
-    rows, _ = feature_rows(manifest, FeatureConfig.from_dict(json.loads(configs.pop())), data.cache_root,
-                           speaker_norm=data.speaker_norm)
-    rows = rows[rows["error"].isna()] if "error" in rows else rows
-    return dict(zip(rows["path"], features_array(rows)))
+    by_config: dict[str, dict[str, np.ndarray]] = {}
+    for summary in summaries.values():
+        key = json.dumps(summary["feature_config"], sort_keys=True)
+        if key not in by_config:
+            rows, _ = feature_rows(manifest, FeatureConfig.from_dict(summary["feature_config"]), data.cache_root,
+                                   speaker_norm=data.speaker_norm)
+            rows = rows[rows["error"].isna()] if "error" in rows else rows
+            by_config[key] = dict(zip(rows["path"], features_array(rows)))
+    return {name: by_config[json.dumps(s["feature_config"], sort_keys=True)] for name, s in summaries.items()}
 
 
 def fold_ensembles(out: Path, names: list[str], labels: list[str],
-                   features: dict[str, np.ndarray] | None = None) -> dict:
+                   features: dict[str, dict[str, np.ndarray]] | None = None) -> dict:
     """Per fold, an ensemble of the members ``out/<name>/fold_<i>``; written to ``out/ensemble/``.
 
     On held-out predictions of each fold's non-test speakers one temperature per member, then simplex
@@ -208,8 +210,8 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str],
     ``oof_predictions.parquet``: one validation speaker is a noisy judge of weights). Folds every member
     finished are used. Returns the summary (``summary.json``).
 
-    ``features`` (path -> functionals of every clip; classical members only) also self-trains each
-    fold's ensemble on its test speakers' unlabelled clips (``ser_ray.train.self_train``, the
+    ``features`` (member name -> path -> that member's features of every clip; classical members only)
+    also self-trains each fold's ensemble on its test speakers' unlabelled clips (``ser_ray.train.self_train``, the
     threshold chosen on the fold's training speakers, folds as Ray tasks): each fold then records
     ``self_train`` and its ``self_trained_ua``, and the summary a ``self_trained`` block.
     """
@@ -267,9 +269,9 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str],
         if features is not None:
             to_self_train.append(dict(
                 fold_dirs=[CvResult(out / n).fold_dir(fold) for n in names], temperatures=temps,
-                weights=weights, x_train=np.stack([features[p] for p in val_paths]), y_train=y_val,
+                weights=weights, x_train=[np.stack([features[n][p] for p in val_paths]) for n in names], y_train=y_val,
                 train_speakers=speakers, oof_probs=np.tensordot(weights, np.stack(val_probs), axes=1),
-                x_test=np.stack([features[p] for p in test_paths]),
+                x_test=[np.stack([features[n][p] for p in test_paths]) for n in names],
                 test_speakers=test[0].loc[test_paths, "speaker"].astype(str).to_numpy(), test_probs=mix, y_test=y_test))
     self_trained = None
     if features is not None:

@@ -6,6 +6,9 @@ labels them, the clips it labels with confidence at least ``threshold`` join the
 those labels, every member is refitted with the setting its inner cross-validation chose, and the
 refitted ensemble labels the speaker's clips again. Test labels are never read.
 
+Members may read different features (functionals, boaw's MFCC frames): every ``x`` below is a
+sequence with one array per member, rows in the same order.
+
 The threshold (or none: no self-training) is chosen per fold on the training speakers alone: each
 inner fold's held-out speakers are self-trained one at a time from their out-of-fold ensemble
 probabilities, exactly as a test speaker is, and the setting with the best out-of-fold UA wins (ties:
@@ -33,29 +36,47 @@ class Member:
     temperature: float = 1.0
 
 
-def mixture(members: Sequence[Member], weights: np.ndarray, x_fit, y_fit, x_pred, *, final: bool = True) -> np.ndarray:
+Features = Sequence[np.ndarray]  # one array per member, rows aligned
+
+
+def rows(x: Features, index) -> list[np.ndarray]:
+    """The same rows of every member's features."""
+    return [a[index] for a in x]
+
+
+def _check_per_member(members: Sequence[Member], *xs: Features) -> None:
+    for x in xs:
+        if isinstance(x, np.ndarray) or len(x) != len(members):
+            raise ValueError(f"{len(members)} member(s) need one feature array each, got "
+                             f"{'one array' if isinstance(x, np.ndarray) else len(x)}")
+
+
+def mixture(members: Sequence[Member], weights: np.ndarray, x_fit: Features, y_fit, x_pred: Features, *,
+            final: bool = True) -> np.ndarray:
     """The ensemble's probabilities for ``x_pred`` with every member refitted on ``(x_fit, y_fit)``."""
-    probs = [softmax(m.model.refit_logits(x_fit, y_fit, x_pred, final=final) / m.temperature, axis=1)
-             for m in members]
+    _check_per_member(members, x_fit, x_pred)
+    probs = [softmax(m.model.refit_logits(fit, y_fit, pred, final=final) / m.temperature, axis=1)
+             for m, fit, pred in zip(members, x_fit, x_pred)]
     return np.tensordot(np.asarray(weights, dtype=np.float64), np.stack(probs), axes=1)
 
 
-def self_train_group(members: Sequence[Member], weights: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
-                     x_group: np.ndarray, group_probs: np.ndarray, threshold: float, *,
+def self_train_group(members: Sequence[Member], weights: np.ndarray, x_train: Features, y_train: np.ndarray,
+                     x_group: Features, group_probs: np.ndarray, threshold: float, *,
                      final: bool = True) -> tuple[np.ndarray, int]:
     """One group (a speaker's clips): the ensemble refitted on the training rows plus the group's clips
     whose probability ``group_probs`` reaches ``threshold`` (labelled with their argmax); returns its
     probabilities for the whole group and how many clips were pseudo-labelled."""
+    _check_per_member(members, x_train, x_group)
     keep = group_probs.max(axis=1) >= threshold
     if not keep.any():
         return group_probs, 0
-    x_fit = np.concatenate([x_train, x_group[keep]])
+    x_fit = [np.concatenate([train, group[keep]]) for train, group in zip(x_train, x_group)]
     y_fit = np.concatenate([y_train, group_probs.argmax(axis=1)[keep]])
     return mixture(members, weights, x_fit, y_fit, x_group, final=final), int(keep.sum())
 
 
-def self_train_speakers(members: Sequence[Member], weights: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
-                        x: np.ndarray, speakers: np.ndarray, probs: np.ndarray, threshold: float, *,
+def self_train_speakers(members: Sequence[Member], weights: np.ndarray, x_train: Features, y_train: np.ndarray,
+                        x: Features, speakers: np.ndarray, probs: np.ndarray, threshold: float, *,
                         final: bool = True) -> tuple[np.ndarray, int]:
     """:func:`self_train_group` for each speaker of ``x`` on its own; the probabilities of all rows and
     how many clips were pseudo-labelled in all."""
@@ -63,13 +84,14 @@ def self_train_speakers(members: Sequence[Member], weights: np.ndarray, x_train:
     speakers = np.asarray(speakers).astype(str)
     pseudo = 0
     for speaker in np.unique(speakers):
-        rows = np.flatnonzero(speakers == speaker)
-        out[rows], n = self_train_group(members, weights, x_train, y_train, x[rows], probs[rows], threshold, final=final)
+        index = np.flatnonzero(speakers == speaker)
+        out[index], n = self_train_group(members, weights, x_train, y_train, rows(x, index), probs[index], threshold,
+                                         final=final)
         pseudo += n
     return out, pseudo
 
 
-def choose_threshold(members: Sequence[Member], weights: np.ndarray, x: np.ndarray, y: np.ndarray,
+def choose_threshold(members: Sequence[Member], weights: np.ndarray, x: Features, y: np.ndarray,
                      speakers: np.ndarray, oof_probs: np.ndarray,
                      thresholds: Sequence[float] = THRESHOLDS) -> tuple[float | None, dict]:
     """The threshold (None: no self-training) with the best out-of-fold UA on the training rows.
@@ -88,11 +110,11 @@ def choose_threshold(members: Sequence[Member], weights: np.ndarray, x: np.ndarr
     n_groups = len(np.unique(speakers))
     if n_groups < 2:
         return None, scores
-    splits = list(GroupKFold(n_splits=min(INNER_FOLDS, n_groups)).split(x, y, speakers))
+    splits = list(GroupKFold(n_splits=min(INNER_FOLDS, n_groups)).split(y, y, speakers))
     for threshold in thresholds:
         probs = oof_probs.copy()
         for fit_idx, held_idx in splits:
-            probs[held_idx], _ = self_train_speakers(members, weights, x[fit_idx], y[fit_idx], x[held_idx],
+            probs[held_idx], _ = self_train_speakers(members, weights, rows(x, fit_idx), y[fit_idx], rows(x, held_idx),
                                                      speakers[held_idx], oof_probs[held_idx], threshold, final=False)
         scores[str(threshold)] = float(balanced_accuracy_score(y, probs.argmax(1)))
     # ties: no self-training first, then the higher (more cautious) threshold
@@ -101,8 +123,8 @@ def choose_threshold(members: Sequence[Member], weights: np.ndarray, x: np.ndarr
     return best, scores
 
 
-def self_train_fold(members: Sequence[Member], weights: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
-                    train_speakers: np.ndarray, oof_probs: np.ndarray, x_test: np.ndarray,
+def self_train_fold(members: Sequence[Member], weights: np.ndarray, x_train: Features, y_train: np.ndarray,
+                    train_speakers: np.ndarray, oof_probs: np.ndarray, x_test: Features,
                     test_speakers: np.ndarray, test_probs: np.ndarray,
                     thresholds: Sequence[float] = THRESHOLDS) -> tuple[np.ndarray, dict]:
     """A fold's test probabilities after self-training on each test speaker's clips (the threshold
