@@ -163,7 +163,7 @@ def test_self_training_refits_on_the_confident_pseudo_labels_only():
     from scipy.special import softmax
     from sklearn.linear_model import LogisticRegression
 
-    from ser_ray.train.self_train import Member, choose_threshold, self_train_group
+    from ser_ray.train.self_train import Member, choose_threshold, encodings, self_train_group
 
     x, y, g = toy(seed=1)
     test = g == "s3"
@@ -172,8 +172,9 @@ def test_self_training_refits_on_the_confident_pseudo_labels_only():
     x_group = x[test] + 0.5  # the new speaker, shifted
     probs = softmax(np.random.default_rng(0).normal(0, 2, (len(x_group), 3)), axis=1)  # the ensemble's, say
     member = Member(model, temperature=1.7)
+    (v_train,), (v_group,) = encodings([member], [x[~test]]), encodings([member], [x_group])
     threshold = float(np.median(probs.max(1)))  # half the clips qualify
-    adapted, n = self_train_group([member], np.ones(1), [x[~test]], y[~test], [x_group], probs, threshold)
+    adapted, n = self_train_group([member], np.ones(1), [v_train], y[~test], [v_group], probs, threshold)
     keep = probs.max(1) >= threshold
     assert n == keep.sum() and 0 < n < len(probs)
     z = lambda a: (a[:, :, 0] - model.mean.numpy()) / model.scale.numpy()  # noqa: E731
@@ -182,16 +183,16 @@ def test_self_training_refits_on_the_confident_pseudo_labels_only():
     expected = softmax(sk.decision_function(z(x_group)) * model.logit_scale.item() / 1.7, axis=1)
     np.testing.assert_allclose(adapted, expected, atol=1e-4)
     # a threshold no clip reaches leaves the group as it was
-    unchanged, n = self_train_group([member], np.ones(1), [x[~test]], y[~test], [x_group], probs, 1.01)
+    unchanged, n = self_train_group([member], np.ones(1), [v_train], y[~test], [v_group], probs, 1.01)
     assert n == 0 and np.array_equal(unchanged, probs)
     # the threshold with the best out-of-fold UA on the training speakers (ties: none, then higher)
-    chosen, scores = choose_threshold([member], np.ones(1), [x[~test]], y[~test], g[~test], info["oof_probs"])
+    chosen, scores = choose_threshold([member], np.ones(1), [v_train], y[~test], g[~test], info["oof_probs"])
     assert set(scores) == {"none", "0.5", "0.7", "0.9"}
     assert scores["none" if chosen is None else str(chosen)] == max(scores.values())
     if scores["none"] == max(scores.values()):
         assert chosen is None
     with pytest.raises(ValueError, match="one feature array each"):
-        self_train_group([member], np.ones(1), x[~test], y[~test], x_group, probs, threshold)
+        self_train_group([member], np.ones(1), v_train, y[~test], v_group, probs, threshold)
 
 
 def test_two_classes_and_one_speaker():

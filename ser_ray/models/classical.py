@@ -130,17 +130,18 @@ class _ClassicalModel(nn.Module):
         """Copy a fitted estimator into the module's parameters."""
         raise NotImplementedError
 
-    def refit_logits(self, x_fit: np.ndarray, y_fit: np.ndarray, x_pred: np.ndarray, *, final: bool = True) -> np.ndarray:
-        """Logits ``[N, num_classes]`` for ``x_pred`` of this model's chosen setting refitted on
-        ``(x_fit, y_fit)``, with this model's standardisation and logit scale; the module itself is
-        not changed. What self-training (``ser_ray.train.self_train``) refits; ``final=False`` fits
-        the way the inner CV does (the MLP: one network instead of ``seeds``)."""
-        def z(x):
-            return (self.encode_array(x) - self.mean.double().numpy()) / self.scale.double().numpy()
+    def refit_logits(self, v_fit: np.ndarray, y_fit: np.ndarray, v_pred: np.ndarray, *, final: bool = True) -> np.ndarray:
+        """Logits ``[N, num_classes]`` for the rows encoded as ``v_pred`` (``encode_array`` of their
+        features) of this model's chosen setting refitted on ``(v_fit, y_fit)``, with this model's
+        encoder, standardisation and logit scale; the module itself is not changed. What self-training
+        (``ser_ray.train.self_train``) refits, many times over the same rows: hence encodings, made
+        once; ``final=False`` fits the way the inner CV does (the MLP: one network instead of ``seeds``)."""
+        def z(v):
+            return (v - self.mean.double().numpy()) / self.scale.double().numpy()
 
         (params,) = self.candidates()  # after fit_arrays the hparams name one setting
-        estimator = self._fit_scaled(z(x_fit), np.asarray(y_fit, dtype=np.int64), params, final=final)
-        return self._decision(estimator, z(x_pred)) * float(self.logit_scale)
+        estimator = self._fit_scaled(z(v_fit), np.asarray(y_fit, dtype=np.int64), params, final=final)
+        return self._decision(estimator, z(v_pred)) * float(self.logit_scale)
 
     @torch.no_grad()
     def fit_arrays(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dict:

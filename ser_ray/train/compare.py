@@ -306,15 +306,15 @@ def _self_train_folds(folds: list[dict], labels: list[str]) -> list[tuple[dict, 
 
     from ser_ray.models import load_model
     from ser_ray.train.metrics import classification_metrics
-    from ser_ray.train.self_train import Member, self_train_fold
+    from ser_ray.train.self_train import Member, encodings, self_train_fold
 
     @ray.remote(num_cpus=1)
     def one(members, weights, x_train, y_train, train_speakers, oof_probs, x_test, test_speakers, test_probs):
         import torch
 
         torch.set_num_threads(1)
-        return self_train_fold(members, weights, x_train, y_train, train_speakers, oof_probs, x_test,
-                               test_speakers, test_probs)
+        return self_train_fold(members, weights, encodings(members, x_train), y_train, train_speakers, oof_probs,
+                               encodings(members, x_test), test_speakers, test_probs)
 
     refs = []
     for f in folds:

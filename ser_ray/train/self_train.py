@@ -7,7 +7,8 @@ those labels, every member is refitted with the setting its inner cross-validati
 refitted ensemble labels the speaker's clips again. Test labels are never read.
 
 Members may read different features (functionals, boaw's MFCC frames): every ``x`` below is a
-sequence with one array per member, rows in the same order.
+sequence with one array per member, rows in the same order, of the member's encodings
+(:func:`encodings`: what its classifier reads, made once because every refit reads the same rows).
 
 The threshold (or none: no self-training) is chosen per fold on the training speakers alone: each
 inner fold's held-out speakers are self-trained one at a time from their out-of-fold ensemble
@@ -37,6 +38,12 @@ class Member:
 
 
 Features = Sequence[np.ndarray]  # one array per member, rows aligned
+
+
+def encodings(members: Sequence[Member], features: Features) -> list[np.ndarray]:
+    """Each member's encoding (``encode_array``) of its own features of the same rows."""
+    _check_per_member(members, features)
+    return [m.model.encode_array(a) for m, a in zip(members, features)]
 
 
 def rows(x: Features, index) -> list[np.ndarray]:
