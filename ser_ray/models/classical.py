@@ -130,7 +130,8 @@ class _ClassicalModel(nn.Module):
         """Copy a fitted estimator into the module's parameters."""
         raise NotImplementedError
 
-    def refit_logits(self, v_fit: np.ndarray, y_fit: np.ndarray, v_pred: np.ndarray, *, final: bool = True) -> np.ndarray:
+    def refit_logits(self, v_fit: np.ndarray, y_fit: np.ndarray, v_pred: np.ndarray, *,
+                     final: bool = True) -> np.ndarray:
         """Logits ``[N, num_classes]`` for the rows encoded as ``v_pred`` (``encode_array`` of their
         features) of this model's chosen setting refitted on ``(v_fit, y_fit)``, with this model's
         encoder, standardisation and logit scale; the module itself is not changed. What self-training
