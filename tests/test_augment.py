@@ -12,7 +12,6 @@ from ser_ray.audio.augment import (
     add_noise_snr,
     random_gain,
     spec_augment,
-    perturbed_copies,
     time_shift,
 )
 
@@ -91,13 +90,19 @@ def test_augmenter_on_waveforms_adds_noise_and_reads_yaml_lists():
         Augmenter(gain_db=[6, -6])
 
 
-@pytest.mark.slow  # librosa's first call imports and JIT-compiles for ~10-20 s
-def test_offline_copies_shift_pitch_and_stretch_time():
+def test_speed_copy_lowers_pitch_and_lengthens_the_clip():
+    from ser_ray.features.config import FeatureConfig
+    from ser_ray.features.extractor import FeatureExtractor
+
     wave = tone(1)[0].numpy()  # 200 Hz, 1 s
-    copies = perturbed_copies(wave, 16_000, pitch_steps=(12.0,), stretch_rates=(1.25,))
-    assert set(copies) == {"pitch+12", "stretch1.25"}
-    up = copies["pitch+12"]
-    assert len(up) == len(wave) and up.dtype == np.float32
-    peak_hz = np.argmax(np.abs(np.fft.rfft(up))) * 16_000 / len(up)
-    assert abs(peak_hz - 400) < 10  # one octave up
-    assert abs(len(copies["stretch1.25"]) - len(wave) / 1.25) < 512
+    slow = FeatureExtractor(FeatureConfig(kind="waveform", window_s=2.0, speed=0.8)).prepare_wave(wave, 16_000)
+    nonzero = np.flatnonzero(slow)
+    assert abs(len(nonzero) - 16_000 / 0.8) < 50  # 1.25 s of sound in the 2 s window
+    body = slow[: nonzero[-1] + 1]
+    peak_hz = np.argmax(np.abs(np.fft.rfft(body))) * 16_000 / len(body)
+    assert abs(peak_hz - 160) < 3  # 200 Hz played at 0.8 speed
+    same = FeatureExtractor(FeatureConfig(kind="waveform", window_s=2.0)).prepare_wave(wave, 16_000)
+    assert np.allclose(same[:16_000], wave, atol=1e-6) and not same[16_000:].any()
+    with pytest.raises(ValueError, match="speed"):
+        FeatureConfig(speed=3.0)
+    assert FeatureConfig(speed=1.0).key() != FeatureConfig(speed=0.9).key()

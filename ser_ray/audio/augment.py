@@ -4,10 +4,10 @@ On the fly (cheap, batched, any device): ``spec_augment`` on log-mel/MFCC featur
 ``random_gain`` and ``time_shift`` on waveforms (``time_shift`` works on features too). ``Augmenter``
 bundles them with a probability and a seed, and is what the training loop calls.
 
-Offline (slow, per clip, numpy): ``pitch_shift`` and ``time_stretch`` through librosa. At ~0.1 s of
-CPU per 3 s clip they would dominate a CNN training step, so ``perturbed_copies`` makes extra
-training clips once, before feature extraction. (``torchaudio.functional.pitch_shift`` is far slower:
-its resampler uses a kernel for the exact ratio 2**(n/12), tens of seconds per clip.)
+Offline: speed-perturbed training copies of the training speakers' clips (``data.speed_perturb``,
+for the classical families) are featurised like the originals, with ``FeatureConfig.speed`` (see
+``FeatureExtractor.prepare_wave``); they live in their own feature caches, not here. (Pitch shifts and
+time stretches through librosa's phase vocoder were tried for them and made EmoDB LOSO worse.)
 
 Every random draw comes from a ``torch.Generator`` on the CPU, so a seed reproduces a run exactly.
 """
@@ -101,33 +101,6 @@ def random_gain(
     """Each clip scaled by a gain drawn uniformly from ``db_range`` (dB)."""
     gain_db = _uniform(waves.shape[0], *db_range, generator).to(waves.device, waves.dtype)
     return waves * (10.0 ** (gain_db / 20.0)).view(-1, *([1] * (waves.ndim - 1)))
-
-
-def pitch_shift(wave: np.ndarray, sr: int, n_steps: float) -> np.ndarray:
-    """One clip shifted by ``n_steps`` semitones, same length (librosa; ~0.1 s per 3 s clip)."""
-    import librosa
-
-    return librosa.effects.pitch_shift(np.asarray(wave, dtype=np.float32), sr=sr, n_steps=n_steps)
-
-
-def time_stretch(wave: np.ndarray, rate: float) -> np.ndarray:
-    """One clip played ``rate`` times faster (pitch kept); the length changes by 1/rate."""
-    import librosa
-
-    return librosa.effects.time_stretch(np.asarray(wave, dtype=np.float32), rate=rate)
-
-
-def perturbed_copies(
-    wave: np.ndarray,
-    sr: int,
-    pitch_steps: Sequence[float] = (-2.0, 2.0),
-    stretch_rates: Sequence[float] = (0.9, 1.1),
-) -> dict[str, np.ndarray]:
-    """Offline training copies of one clip, by name (``pitch+2``, ``stretch0.9``): made once, then
-    windowed and featurised like the originals. Only ever for training-split clips."""
-    out = {f"pitch{s:+g}": pitch_shift(wave, sr, s) for s in pitch_steps}
-    out.update({f"stretch{r:g}": time_stretch(wave, r) for r in stretch_rates})
-    return out
 
 
 # -- the training loop's entry point -------------------------------------------------------------

@@ -45,8 +45,12 @@ class FeatureExtractor:
 
     # -- waveform preparation -------------------------------------------------------------------
     def prepare_wave(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
-        """Decoded audio (any rate, mono or ``[channels, samples]``) -> fixed-length mono window."""
-        wave = resample(to_mono(audio), sample_rate, self.config.sample_rate)
+        """Decoded audio (any rate, mono or ``[channels, samples]``) -> fixed-length mono window.
+
+        A config ``speed`` other than 1 plays the audio that much faster (speed perturbation): read as
+        if recorded at ``speed`` times its rate, then resampled, so tempo, pitch and formants all move."""
+        rate = int(round(sample_rate * self.config.speed))
+        wave = resample(to_mono(audio), rate, self.config.sample_rate)
         return fix_length(normalize(wave, self.config.normalize), self.config.num_samples)
 
     # -- features -------------------------------------------------------------------------------
