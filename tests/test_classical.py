@@ -95,6 +95,36 @@ def test_classical_fit_matches_sklearn_and_round_trips(tmp_path, family, hparams
     assert meta.hparams[key] == getattr(model.hparams, key)
 
 
+@pytest.mark.parametrize("family,hparams", [("logreg", {"C": 0.1}), ("svm", {"kernel": "rbf", "C": 1.0, "gamma": 1.0})])
+def test_speed_copies_train_but_never_judge_or_leak(family, hparams):
+    """Copies (``fit_arrays(copies=...)``) join the training rows of the inner folds whose training
+    speakers they copy, and only those: the held-out speaker's own copies never reach its out-of-fold
+    predictions, and out-of-fold rows are original clips alone."""
+    x, y, g = toy()
+    x = x + np.random.default_rng(1).normal(0, 8, x.shape).astype(np.float32)  # overlapping classes
+    plain = build_model(family, 3, SMALL, **hparams)
+    base = plain.fit_arrays(x, y, g)
+    # copies of s0 only, with wrong labels: the inner fold that holds s0 out must not see them
+    own = g == "s0"
+    copies = (x[own] + 0.01, (y[own] + 1) % 3, g[own])
+    model = build_model(family, 3, SMALL, **hparams)
+    info = model.fit_arrays(x, y, g, copies=copies)
+    assert info["n_copies"] == own.sum() and info["oof_probs"].shape == base["oof_probs"].shape
+
+    def decisions(fit):  # out-of-fold decision values (up to a per-row shift) before the fitted temperature
+        logp = np.log(fit["oof_probs"])
+        return (logp - logp[:, :1]) / fit["logit_scale"]
+
+    np.testing.assert_allclose(decisions(info)[own], decisions(base)[own], atol=1e-5)
+    assert not np.allclose(decisions(info)[~own], decisions(base)[~own], atol=1e-2)  # the others trained on them
+    assert (model.mean == plain.mean).all()  # standardised by the original clips
+    with torch.no_grad():  # the kept model was fitted with the copies (rbf: support vectors among them)
+        changed = model(torch.as_tensor(x[own])).argmax(1) != plain(torch.as_tensor(x[own])).argmax(1)
+    assert changed.any()
+    with pytest.raises(ValueError, match="not among the training speakers"):
+        build_model(family, 3, SMALL, **hparams).fit_arrays(x[~own], y[~own], g[~own], copies=copies)
+
+
 def test_bag_of_audio_words_counts_the_clips_voiced_frames_against_learnt_words(tmp_path):
     """``boaw``: a codebook learnt from the training clips' MFCC frames, one histogram per codebook with
     ``assignments`` counts per counted frame, the zero padding and pauses not counted, and a classifier
@@ -138,7 +168,9 @@ def test_bag_of_audio_words_counts_the_clips_voiced_frames_against_learnt_words(
     # the kept model's codebooks (learnt from every row) are left as they were
     kept = model.codebook.clone()
     train_idx, held_out = np.flatnonzero(g != "s0"), np.flatnonzero(g == "s0")
-    z_train, z_held_out = model._inner_fold_features(x, train_idx, held_out)
+    # (copies of training rows, here the first four rows themselves, are encoded by the same codebooks)
+    z_train, z_copies, z_held_out = model._inner_fold_features(x, train_idx, held_out, x, train_idx[:4])
+    np.testing.assert_allclose(z_copies, z_train[:4], atol=1e-9)
     fold_model = build_model("boaw", 3, fc, codebook_size=24, assignments=3, codebooks=2)
     fold_model.fit_encoder(x[train_idx])
     v_train = fold_model.encode_array(x[train_idx])
@@ -193,6 +225,14 @@ def test_self_training_refits_on_the_confident_pseudo_labels_only():
         assert chosen is None
     with pytest.raises(ValueError, match="one feature array each"):
         self_train_group([member], np.ones(1), v_train, y[~test], v_group, probs, threshold)
+    # speed copies join a refit's training rows for that refit's own speakers only
+    from ser_ray.train.self_train import Copies
+
+    some = np.r_[0:6, 36:42]  # six rows of s0, six of s1
+    copies = Copies([v_train[some] + 0.1], y[~test][some], g[~test][some])
+    (joined,), y_joined = copies.joined([v_train], y[~test], np.array(["s1", "s2"]))
+    assert len(joined) == len(v_train) + 6 and np.array_equal(joined[len(v_train):], v_train[36:42] + 0.1)
+    assert np.array_equal(y_joined[len(v_train):], y[~test][36:42])
 
 
 def test_two_classes_and_one_speaker():
@@ -257,6 +297,15 @@ def test_cv_with_logreg_runs_without_ray_train(ray_session, tmp_path):
     assert "synthetic:1001" not in set(oof["speaker"]) and np.allclose(oof.filter(like="prob_").sum(1), 1, atol=1e-4)
     assert not list(run.glob("checkpoint_*"))  # no Ray Train run behind it
     assert (out / "fold_0" / "oof_predictions.parquet").exists()  # what per-fold ensembles fit weights on
+    # speed perturbation: one more feature cache per speed, copies of the fold's training clips only
+    rc = main(["cv", "--corpus", "synthetic", "--root", str(root), "--family", "logreg", "--protocol", "loso",
+               "--max-folds", "1", "--set", "data.features={window_s: 1.0}", "--set", "data.speed_perturb=[0.9]",
+               "--set", f"data.cache_root={out / 'cache'}", "--out", str(tmp_path / "speed")])
+    assert rc in (0, None)
+    fit = json.loads((tmp_path / "speed" / "ray" / "logreg-loso-fold0" / "fit.json").read_text())
+    assert fit["n_copies"] == fit["n_train"] == len(oof)
+    caches = [json.loads(p.read_text())["feature_config"] for p in (out / "cache").glob("*/cache.json")]
+    assert sorted(c.get("speed", 1.0) for c in caches) == [0.9, 1.0]
 
 
 def _normalised_bundle(directory):

@@ -161,7 +161,7 @@ def test_compare_self_trains_the_classical_ensemble_per_test_speaker(ray_session
     """``compare --ensemble --self-train`` with speaker normalisation: each fold's ensemble is refitted
     per test speaker on the clips it labels confidently (the threshold chosen on the training speakers,
     recorded per fold) and gets its own row, with members that read different features (logreg:
-    functionals, boaw: MFCC frames); it is refused where it cannot apply."""
+    functionals, boaw: MFCC frames) and speed-perturbed copies; it is refused where it cannot apply."""
     from ser_ray.cli import main
     from ser_ray.train.compare import run_compare
     from ser_ray.train.self_train import THRESHOLDS
@@ -171,8 +171,11 @@ def test_compare_self_trains_the_classical_ensemble_per_test_speaker(ray_session
     argv = ["compare", "--corpus", "synthetic", "--root", str(a), "--families",
             "logreg,boaw:codebook_size=24+assignments=3+codebooks=1", "--ensemble",
             "--self-train", "--protocol", "loso", "--max-folds", "2", "--out", str(out),
-            "--set", "data.normalise_by=speaker", *tiny(corpora)]
+            "--set", "data.normalise_by=speaker", "--set", "data.speed_perturb=[1.1]", *tiny(corpora)]
     assert main(argv) == 0
+    for member in ("logreg", "boaw-codebook_size=24-assignments=3-codebooks=1"):  # members and refits read copies
+        fit = json.loads(next((out / member / "ray").glob("*-fold0/fit.json")).read_text())
+        assert fit["n_copies"] == fit["n_train"] > 0
     table = pd.read_csv(out / "comparison.csv")
     boaw = "boaw-codebook_size=24-assignments=3-codebooks=1"
     assert list(table["family"]) == ["logreg", boaw, "ensemble", "ensemble (uniform)", "ensemble + self-training"]

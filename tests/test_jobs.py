@@ -81,7 +81,8 @@ def test_pipeline_job_runs_under_ray_job_submit_and_resumes(ray_head, tmp_path):
     config = {
         "name": "job-tune",
         "data": {"corpus": "synthetic", "root": str(corpus), "protocol": "kfold", "k": 4, "test_fold": 0,
-                 "val_fraction": 0.25, "features": {"n_mels": 32, "window_s": 1.5}},
+                 "val_fraction": 0.25, "features": {"n_mels": 32, "window_s": 1.5},
+                 "speed_perturb": [1.1]},  # logreg trials train on copies; cnn and bigru_attn ignore them
         "families": ["cnn", "bigru_attn", "logreg"],
         "num_samples": 5, "max_epochs": 2, "grace_period": 1, "reduction_factor": 2,
         "max_concurrent_trials": 2, "seed": 0, "tpe_startup_trials": 2,
@@ -129,6 +130,9 @@ def test_pipeline_job_runs_under_ray_job_submit_and_resumes(ray_head, tmp_path):
     assert "logreg" in families and set(families) <= set(table["family"])
     logreg = table[table["family"] == "logreg"]
     assert (logreg["stop_reason"] == "completed").all() and (logreg["epochs_run"] == 1).all()  # one fit, no epochs
+    for trial_id in logreg["trial_id"]:  # a copy of every training clip, none of the validation clips
+        fit = json.loads((experiment / "train" / f"train-{trial_id}" / "fit.json").read_text())
+        assert fit["n_copies"] == fit["n_train"] > 0
     from ser_ray.models import load_model
 
     for family in families:

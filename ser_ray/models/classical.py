@@ -96,15 +96,17 @@ class _ClassicalModel(nn.Module):
         """``encode`` for fitting: numpy in, float64 ``[N, num_features]`` out."""
         return np.asarray(x, dtype=np.float64).reshape(len(x), -1)
 
-    def _inner_fold_features(self, raw: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray):
-        """Standardised encodings of an inner fold's training and held-out rows by an encoder learnt
-        from the training rows alone (a copy of this model), so out-of-fold predictions never come
-        from audio words the held-out speakers shaped."""
+    def _inner_fold_features(self, raw: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray,
+                             raw_copies: np.ndarray, copy_idx: np.ndarray):
+        """Standardised encodings of an inner fold's training rows, its training speakers' copies and
+        its held-out rows by an encoder learnt from the training rows alone (a copy of this model), so
+        out-of-fold predictions never come from audio words the held-out speakers shaped."""
         scratch = copy.deepcopy(self)
         scratch.fit_encoder(raw[train_idx])
         v_train, v_test = scratch.encode_array(raw[train_idx]), scratch.encode_array(raw[test_idx])
         mean, scale = mean_scale(v_train)
-        return (v_train - mean) / scale, (v_test - mean) / scale
+        v_copies = scratch.encode_array(raw_copies[copy_idx]) if len(copy_idx) else v_train[:0]
+        return (v_train - mean) / scale, (v_copies - mean) / scale, (v_test - mean) / scale
 
     def standardise(self, v: torch.Tensor) -> torch.Tensor:
         return (v - self.mean) / self.scale
@@ -146,8 +148,13 @@ class _ClassicalModel(nn.Module):
             return self._decision(estimator, z(v_pred)) * float(self.logit_scale)
 
     @torch.no_grad()
-    def fit_arrays(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dict:
+    def fit_arrays(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray, copies: tuple | None = None) -> dict:
         """Fit on features ``[N, D(, 1)]``, labels ``[N]`` (0..L-1) and speaker ``groups``; return fit info.
+
+        ``copies``: optional extra training rows ``(x, y, groups)`` (speed-perturbed copies of these
+        clips, ``data.speed_perturb``) that are only ever trained on: each inner fold trains on the
+        copies of its training speakers and is scored on original clips alone, and the standardisation
+        and any learnt encoder come from the original clips (what the model will be shown).
 
         Open hyperparameters are chosen by the best mean UA over speaker-grouped inner folds (ties: the
         stronger regularisation, listed first). The returned ``oof_probs`` are out-of-fold
@@ -164,8 +171,14 @@ class _ClassicalModel(nn.Module):
             raise ValueError(f"{self.family}: features have {x.shape[1]} values, the model expects {self.num_features}")
         y = np.asarray(y, dtype=np.int64)
         groups = np.asarray(groups).astype(str)
+        raw_copies, y_copies, copy_groups = copies if copies is not None else (raw[:0], y[:0], groups[:0])
+        y_copies, copy_groups = np.asarray(y_copies, dtype=np.int64), np.asarray(copy_groups).astype(str)
+        unknown = sorted(set(copy_groups) - set(groups))
+        if unknown:
+            raise ValueError(f"copies of speakers {unknown[:3]} that are not among the training speakers")
         mean, scale = mean_scale(x)
         z = (x - mean) / scale
+        z_copies = (self.encode_array(raw_copies) - mean) / scale if len(y_copies) else z[:0]
         n_groups = len(np.unique(groups))
         candidates = self.candidates()
         results = []
@@ -176,11 +189,15 @@ class _ClassicalModel(nn.Module):
             for train_idx, test_idx in splits:
                 if len(np.unique(y[train_idx])) < 2:
                     continue
-                z_train, z_test = (self._inner_fold_features(raw, train_idx, test_idx) if self.learns_encoder
-                                   else (z[train_idx], z[test_idx]))
+                copy_idx = np.flatnonzero(np.isin(copy_groups, groups[train_idx]))
+                if self.learns_encoder:
+                    z_train, z_copy, z_test = self._inner_fold_features(raw, train_idx, test_idx, raw_copies, copy_idx)
+                else:
+                    z_train, z_copy, z_test = z[train_idx], z_copies[copy_idx], z[test_idx]
+                z_fit, y_fit = np.concatenate([z_train, z_copy]), np.concatenate([y[train_idx], y_copies[copy_idx]])
                 for i, params in enumerate(candidates):
                     with single_blas_thread():
-                        est = self._fit_scaled(z_train, y[train_idx], params)
+                        est = self._fit_scaled(z_fit, y_fit, params)
                         decisions[i][test_idx] = self._decision(est, z_test)
             for i, params in enumerate(candidates):
                 oof[i] = decisions[i]
@@ -191,11 +208,13 @@ class _ClassicalModel(nn.Module):
         chosen = candidates[best]
         for key, value in chosen.items():  # the saved hparams say what was used
             setattr(self.hparams, key, value)
+        z_fit = np.concatenate([z, z_copies])  # RBF support vectors are rows of what was fitted
         with single_blas_thread():
-            self._load(self._fit_scaled(z, y, chosen, final=True), z)
+            self._load(self._fit_scaled(z_fit, np.concatenate([y, y_copies]), chosen, final=True), z_fit)
         self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
-        info = {"chosen": chosen, "grid": results, "inner_folds": min(INNER_FOLDS, n_groups), "n_train": len(y)}
+        info = {"chosen": chosen, "grid": results, "inner_folds": min(INNER_FOLDS, n_groups), "n_train": len(y),
+                "n_copies": len(y_copies)}
         if best in oof:
             temperature, nll = _fit_logit_scale(oof[best], y)
             self.logit_scale.fill_(temperature)

@@ -39,8 +39,12 @@ def fit_classical(
     *,
     run_dir: str,
     pool_validation: bool = True,
+    copies: pd.DataFrame | None = None,
 ):
     """Fit ``config.family``; write ``run_dir/model``, ``run_dir/oof.parquet`` and ``run_dir/fit.json``.
+
+    ``copies``: speed-perturbed feature rows (:func:`ser_ray.train.data.speed_copies`); those of the
+    clips this fit trains on join its training rows, the rest are never read.
 
     ``pool_validation`` (cv, compare): fit on training and validation speakers together; ``val_*``
     metrics are out of fold over all of them. Otherwise (Tune trials, whose validation speakers also
@@ -62,8 +66,12 @@ def fit_classical(
         raise ValueError(f"rows with labels {unknown} are not in the label list {labels}; apply the label map first")
     start = time.perf_counter()
     model = build_model(config.family, len(labels), feature_config, **config.hparams)
+    extra = None
+    if copies is not None:
+        copies = copies[copies["path"].isin(rows["path"]) & copies["error"].isna()]
+        extra = (features_array(copies), copies["emotion"].map(index).to_numpy(), copies["speaker"].astype(str).to_numpy())
     info = model.fit_arrays(features_array(rows), rows["emotion"].map(index).to_numpy(),
-                            rows["speaker"].astype(str).to_numpy())
+                            rows["speaker"].astype(str).to_numpy(), copies=extra)
     seconds = time.perf_counter() - start
     oof = info.pop("oof_probs", None)
     metrics = {"epoch": 1, EPOCHS: 1, "epoch_s": round(seconds, 3), "inner_folds": info["inner_folds"], **info["chosen"],
@@ -91,9 +99,9 @@ def fit_classical(
             frame[f"prob_{label}"] = oof[:, i].astype(np.float32)
         storage.write_parquet(storage.join(run_dir, OOF_PREDICTIONS), frame)
     storage.write_bytes(storage.join(run_dir, "fit.json"), json.dumps(_plain({**info, **metrics}), indent=1).encode())
-    log.info("%s: chose %s by %d-fold speaker-grouped CV on %d clips (%d speakers): inner UA %.3f, val UA %.3f, %.1f s",
-             config.family, info["chosen"], info["inner_folds"], len(rows), rows["speaker"].nunique(),
-             metrics["inner_ua"], metrics["val_ua"], seconds)
+    log.info("%s: chose %s by %d-fold speaker-grouped CV on %d clips (%d speakers, %d speed copies): inner UA %.3f, "
+             "val UA %.3f, %.1f s", config.family, info["chosen"], info["inner_folds"], len(rows),
+             rows["speaker"].nunique(), info["n_copies"], metrics["inner_ua"], metrics["val_ua"], seconds)
     return TrainResult(best_checkpoint=model_dir, best_metrics=metrics, history=[metrics], path=run_dir,
                        labels=list(labels), config=config_to_plain(config))
 

@@ -145,8 +145,11 @@ def run_compare(config: TrainConfig, families: list[str], out: str | Path, *, ma
         row.update(model_costs(out / name, summary), folds=len(summary["folds_run"]), result_dir=str(out / name))
         rows.append(row)
     if ensemble:
-        features = _features_by_path(config, data, summaries) if self_train else None
-        result = fold_ensembles(out, list(summaries), summaries[entries[0][0]]["labels"], features)
+        features = copies = None
+        if self_train:  # the features each member was fitted on, and those of its training clips' copies
+            features = _features_by_path(config, data, summaries)
+            copies = {speed: _features_by_path(config, data, summaries, speed) for speed in data.speed_perturb}
+        result = fold_ensembles(out, list(summaries), summaries[entries[0][0]]["labels"], features, copies)
         row = {"family": "ensemble", **_score_cells(result)}
         row.update(params=sum(r["params"] or 0 for r in rows), train_s_per_epoch=float("nan"),
                    infer_ms_per_clip=sum(r["infer_ms_per_clip"] for r in rows), folds=len(result["folds"]),
@@ -178,9 +181,10 @@ def _prefixed_scores(per_fold: list[dict], prefix: str) -> dict:
     return {key: scores[f"{prefix}_{key}"] for key in METRICS}
 
 
-def _features_by_path(config: TrainConfig, data, summaries: dict) -> dict[str, dict[str, np.ndarray]]:
-    """member name -> path -> the (speaker-normalised) features the member was fitted on (members may
-    read different features: each feature config is loaded once from the cache)."""
+def _features_by_path(config: TrainConfig, data, summaries: dict, speed: float = 1.0) -> dict[str, dict[str, np.ndarray]]:
+    """member name -> path -> the (speaker-normalised) features the member was fitted on, or those of
+    the clip's copy at ``speed`` (members may read different features: each feature config is loaded
+    once from the cache)."""
     from ser_ray.features.config import FeatureConfig
     from ser_ray.features.pipeline import features_array
     from ser_ray.train.data import feature_rows, label_mapped, load_manifest
@@ -190,15 +194,16 @@ def _features_by_path(config: TrainConfig, data, summaries: dict) -> dict[str, d
     for summary in summaries.values():
         key = json.dumps(summary["feature_config"], sort_keys=True)
         if key not in by_config:
-            rows, _ = feature_rows(manifest, FeatureConfig.from_dict(summary["feature_config"]), data.cache_root,
-                                   speaker_norm=data.speaker_norm)
+            feature_config = dataclasses.replace(FeatureConfig.from_dict(summary["feature_config"]), speed=speed)
+            rows, _ = feature_rows(manifest, feature_config, data.cache_root, speaker_norm=data.speaker_norm)
             rows = rows[rows["error"].isna()] if "error" in rows else rows
             by_config[key] = dict(zip(rows["path"], features_array(rows)))
     return {name: by_config[json.dumps(s["feature_config"], sort_keys=True)] for name, s in summaries.items()}
 
 
 def fold_ensembles(out: Path, names: list[str], labels: list[str],
-                   features: dict[str, dict[str, np.ndarray]] | None = None) -> dict:
+                   features: dict[str, dict[str, np.ndarray]] | None = None,
+                   copies: dict[float, dict[str, dict[str, np.ndarray]]] | None = None) -> dict:
     """Per fold, an ensemble of the members ``out/<name>/fold_<i>``; written to ``out/ensemble/``.
 
     On held-out predictions of each fold's non-test speakers one temperature per member, then simplex
@@ -213,7 +218,9 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str],
     ``features`` (member name -> path -> that member's features of every clip; classical members only)
     also self-trains each fold's ensemble on its test speakers' unlabelled clips (``ser_ray.train.self_train``, the
     threshold chosen on the fold's training speakers, folds as Ray tasks): each fold then records
-    ``self_train`` and its ``self_trained_ua``, and the summary a ``self_trained`` block.
+    ``self_train`` and its ``self_trained_ua``, and the summary a ``self_trained`` block. ``copies``
+    (speed -> the same mapping for the clips' speed-perturbed copies) join every refit's training rows,
+    as they joined the members' own fits.
     """
     from scipy.special import softmax
 
@@ -272,6 +279,7 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str],
                 weights=weights, x_train=[np.stack([features[n][p] for p in val_paths]) for n in names], y_train=y_val,
                 train_speakers=speakers, oof_probs=np.tensordot(weights, np.stack(val_probs), axes=1),
                 x_test=[np.stack([features[n][p] for p in test_paths]) for n in names],
+                copies=_fold_copies(copies, names, val_paths, y_val, speakers),
                 test_speakers=test[0].loc[test_paths, "speaker"].astype(str).to_numpy(), test_probs=mix, y_test=y_test))
     self_trained = None
     if features is not None:
@@ -299,6 +307,19 @@ def fold_ensembles(out: Path, names: list[str], labels: list[str],
     return summary
 
 
+def _fold_copies(copies: dict | None, names: list[str], paths: list[str], y: np.ndarray, speakers: np.ndarray):
+    """The training rows' copies that every member has, as ``(x per member, y, speakers)``; None without."""
+    if not copies:
+        return None
+    pairs = [(speed, i) for speed, by_name in copies.items() for i, p in enumerate(paths)
+             if all(p in by_name[n] for n in names)]
+    if not pairs:
+        return None
+    index = np.array([i for _, i in pairs])
+    x = [np.stack([copies[speed][n][paths[i]] for speed, i in pairs]) for n in names]
+    return x, np.asarray(y)[index], np.asarray(speakers)[index]
+
+
 def _self_train_folds(folds: list[dict], labels: list[str]) -> list[tuple[dict, dict]]:
     """Self-train each fold's ensemble (a Ray task per fold, 1 CPU each); per fold the self-trained
     test metrics and what :func:`ser_ray.train.self_train.self_train_fold` did."""
@@ -306,21 +327,24 @@ def _self_train_folds(folds: list[dict], labels: list[str]) -> list[tuple[dict, 
 
     from ser_ray.models import load_model
     from ser_ray.train.metrics import classification_metrics
-    from ser_ray.train.self_train import Member, encodings, self_train_fold
+    from ser_ray.train.self_train import Copies, Member, encodings, self_train_fold
 
     @ray.remote(num_cpus=1)
-    def one(members, weights, x_train, y_train, train_speakers, oof_probs, x_test, test_speakers, test_probs):
+    def one(members, weights, x_train, y_train, train_speakers, oof_probs, x_test, test_speakers, test_probs,
+            copies):
         import torch
 
         torch.set_num_threads(1)
+        if copies is not None:
+            copies = Copies(encodings(members, copies[0]), copies[1], copies[2])
         return self_train_fold(members, weights, encodings(members, x_train), y_train, train_speakers, oof_probs,
-                               encodings(members, x_test), test_speakers, test_probs)
+                               encodings(members, x_test), test_speakers, test_probs, copies=copies)
 
     refs = []
     for f in folds:
         members = [Member(load_model(str(d / "model"))[0], t) for d, t in zip(f["fold_dirs"], f["temperatures"])]
         refs.append(one.remote(members, f["weights"], f["x_train"], f["y_train"], f["train_speakers"],
-                               f["oof_probs"], f["x_test"], f["test_speakers"], f["test_probs"]))
+                               f["oof_probs"], f["x_test"], f["test_speakers"], f["test_probs"], f["copies"]))
     results = []
     for f, (probs, info) in zip(folds, ray.get(refs)):
         results.append((classification_metrics(f["y_test"], probs.argmax(1), labels), info))

@@ -45,6 +45,9 @@ class DataSpec:
     # unused); cv, compare and cross-corpus (see ser_ray.features.speaker_norm)
     normalise_by: str = "none"
     speaker_norm: bool = False  # the older name of normalise_by: speaker; kept in step with it
+    # playback speeds of extra training copies of the training speakers' clips (speed perturbation,
+    # e.g. [0.9, 1.1]); classical families only, never validation or test clips
+    speed_perturb: list[float] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if self.normalise_by not in NORMALISE_BY:
@@ -55,6 +58,12 @@ class DataSpec:
         self.speaker_norm = self.normalise_by == "speaker"
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"data.protocol {self.protocol!r}: choose one of {list(PROTOCOLS)}")
+        self.speed_perturb = [float(v) for v in (self.speed_perturb or [])]
+        from ser_ray.features.config import MAX_SPEED, MIN_SPEED
+
+        if any(not MIN_SPEED <= v <= MAX_SPEED or v == 1.0 for v in self.speed_perturb):
+            raise ValueError(f"data.speed_perturb {self.speed_perturb}: speeds within [{MIN_SPEED}, {MAX_SPEED}], "
+                             "other than 1 (the original clips are always used)")
         for i, source in enumerate(self.corpora or []):
             if not isinstance(source, dict) or set(source) != {"corpus", "root"}:
                 raise ValueError(f"data.corpora[{i}] = {source!r}: each entry is {{corpus: NAME, root: DIR}}")

@@ -30,7 +30,8 @@ import pandas as pd
 from ser_ray.artefacts import CvResult
 from ser_ray.features.config import FeatureConfig
 from ser_ray.train.config import TrainConfig
-from ser_ray.train.data import assign_folds, feature_rows, fold_frames, label_mapped, load_manifest, speaker_list
+from ser_ray.train.data import (assign_folds, feature_rows, fold_frames, label_mapped, load_manifest, speaker_list,
+                                speed_copies)
 from ser_ray.train.metrics import (
     classification_metrics,
     expected_calibration_error,
@@ -57,13 +58,15 @@ def run_fold(
     run_name: str,
     storage_path: str,
     extra_loop_config: dict | None = None,
+    copies: pd.DataFrame | None = None,
 ) -> dict:
-    """Train on ``train_df``, select on ``val_df``, evaluate on ``test_df``; write ``fold_dir``; return metrics."""
+    """Train on ``train_df`` (with the speed-perturbed ``copies`` of its clips, classical families),
+    select on ``val_df``, evaluate on ``test_df``; write ``fold_dir``; return metrics."""
     from ser_ray.train.loop import fit
 
     start = time.perf_counter()
     result = fit(train_df, val_df, labels, feature_config, config, name=run_name,
-                 storage_path=storage_path, extra_loop_config=extra_loop_config)
+                 storage_path=storage_path, extra_loop_config=extra_loop_config, copies=copies)
     return finish_fold(fold, result, train_df, val_df, test_df, labels, config, fold_dir,
                        train_s=time.perf_counter() - start)
 
@@ -209,6 +212,17 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
             done[f] = json.loads(result.fold_file(f, "metrics.json").read_text())
     todo = [f for f in chosen if f not in done]
 
+    from ser_ray.models.classical import is_classical
+
+    copies = None
+    if data.speed_perturb and not is_classical(config.family):
+        log.warning("data.speed_perturb %s is left unused: %s is not a classical family", data.speed_perturb,
+                    config.family)
+    elif data.speed_perturb and todo:
+        log.info("speed perturbation: training copies at speeds %s of each fold's training clips", data.speed_perturb)
+        copies = speed_copies(manifest, feature_config, data.cache_root or str(out / "cache"), data.speed_perturb,
+                              speaker_norm=data.speaker_norm)
+
     def frames(f: int):
         tr, va, te = splits[f].with_features(rows, keep_failed=True)
         log.info("fold %d/%d: train %d clips (%d speakers), val %d (%d), test %d (%s)", f + 1, n_folds,
@@ -218,7 +232,7 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
 
     def one_fold(f: int) -> dict:  # a classical fit: seconds in this process
         return run_fold(f, *frames(f), labels, feature_config, config, result.fold_dir(f),
-                        run_name=f"{run_id}-fold{f}", storage_path=storage_path)
+                        run_name=f"{run_id}-fold{f}", storage_path=storage_path, copies=copies)
 
     def fold_group(group: list[int]) -> list[dict]:
         """A deep family's folds, one after another in one Ray Train run (its start-up paid once)."""
@@ -230,8 +244,6 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
         # a fold's training time is its own epochs' (the group's start-up is shared by its folds)
         return [finish_fold(f, trained[f], *parts[f], labels, config, result.fold_dir(f),
                             train_s=sum(h["epoch_s"] for h in trained[f].history)) for f in group]
-
-    from ser_ray.models.classical import is_classical
 
     if is_classical(config.family):
         done.update((f, one_fold(f)) for f in todo)

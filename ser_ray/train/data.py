@@ -160,3 +160,24 @@ def feature_rows(manifest: pd.DataFrame, feature_config: FeatureConfig, cache_ro
 
 def speaker_list(df: pd.DataFrame) -> list[str]:
     return sorted(df["speaker"].astype(str).unique())
+
+
+def speed_copies(manifest: pd.DataFrame, feature_config: FeatureConfig, cache_root: str, speeds, *,
+                 speaker_norm: bool = False) -> pd.DataFrame | None:
+    """Speed-perturbed copies of every clip of ``manifest`` (``data.speed_perturb``): feature rows like
+    :func:`feature_rows`'s, one set per speed (``speed`` column), each in its own cache; None without
+    speeds. Only the classical fits read them, and only for the clips they train on.
+
+    Speaker normalisation treats each speed's copies of a speaker as a speaker of their own: the copies
+    are standardised with their own statistics, as every real speaker is.
+    """
+    import dataclasses
+
+    if not speeds:
+        return None
+    parts = []
+    for speed in speeds:
+        rows, _ = feature_rows(manifest, dataclasses.replace(feature_config, speed=float(speed)), cache_root,
+                               speaker_norm=speaker_norm)
+        parts.append(rows.assign(speed=float(speed)))
+    return pd.concat(parts, ignore_index=True)

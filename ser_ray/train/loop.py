@@ -514,10 +514,12 @@ def fit(
     name: str | None = None,
     storage_path: str | None = None,
     extra_loop_config: dict | None = None,
+    copies: pd.DataFrame | None = None,
 ) -> TrainResult:
     """Train ``config.family`` on feature-cache rows with Ray Train; select the best epoch on ``val_df``.
 
-    Classical families (``logreg``, ``svm``) are fitted in this process instead (``train.classical``).
+    Classical families (``logreg``, ``svm``) are fitted in this process instead (``train.classical``),
+    with the speed-perturbed ``copies`` of their training clips when given.
 
     ``train_df``/``val_df`` are feature-cache rows (manifest columns + ``features``), already label
     mapped. Rerunning with the same ``(storage_path, name)`` resumes that run.
@@ -530,7 +532,10 @@ def fit(
         from ser_ray.train.classical import fit_classical
 
         return fit_classical(train_df, val_df, labels, feature_config, config,
-                             run_dir=f"{storage_path.rstrip('/')}/{name}")
+                             run_dir=f"{storage_path.rstrip('/')}/{name}", copies=copies)
+    if copies is not None:
+        raise ValueError(f"{config.family}: speed-perturbed copies (data.speed_perturb) are read by the classical "
+                         "families only")
     train_df = usable_rows(train_df, "training set")
     val_df = usable_rows(val_df, "validation set")
     datasets = {

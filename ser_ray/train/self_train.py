@@ -98,9 +98,29 @@ def self_train_speakers(members: Sequence[Member], weights: np.ndarray, x_train:
     return out, pseudo
 
 
+@dataclasses.dataclass
+class Copies:
+    """Speed-perturbed copies of training rows (``data.speed_perturb``): each member's encodings, labels
+    and speakers. Every refit of a training set trains on the copies of that set's speakers too, as the
+    members' own fits did."""
+
+    x: Features
+    y: np.ndarray
+    speakers: np.ndarray
+
+    def joined(self, x: Features, y: np.ndarray, speakers: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """``(x, y)`` with the copies of ``speakers`` appended."""
+        keep = np.isin(np.asarray(self.speakers).astype(str), np.asarray(speakers).astype(str))
+        return [np.concatenate([a, c[keep]]) for a, c in zip(x, self.x)], np.concatenate([y, self.y[keep]])
+
+
+def _with_copies(copies: Copies | None, x: Features, y: np.ndarray, speakers: np.ndarray):
+    return (list(x), y) if copies is None else copies.joined(x, y, speakers)
+
+
 def choose_threshold(members: Sequence[Member], weights: np.ndarray, x: Features, y: np.ndarray,
                      speakers: np.ndarray, oof_probs: np.ndarray,
-                     thresholds: Sequence[float] = THRESHOLDS) -> tuple[float | None, dict]:
+                     thresholds: Sequence[float] = THRESHOLDS, copies: Copies | None = None) -> tuple[float | None, dict]:
     """The threshold (None: no self-training) with the best out-of-fold UA on the training rows.
 
     ``oof_probs`` are the ensemble's out-of-fold probabilities of the training rows ``x, y`` (each
@@ -121,7 +141,8 @@ def choose_threshold(members: Sequence[Member], weights: np.ndarray, x: Features
     for threshold in thresholds:
         probs = oof_probs.copy()
         for fit_idx, held_idx in splits:
-            probs[held_idx], _ = self_train_speakers(members, weights, rows(x, fit_idx), y[fit_idx], rows(x, held_idx),
+            x_fit, y_fit = _with_copies(copies, rows(x, fit_idx), y[fit_idx], speakers[fit_idx])
+            probs[held_idx], _ = self_train_speakers(members, weights, x_fit, y_fit, rows(x, held_idx),
                                                      speakers[held_idx], oof_probs[held_idx], threshold, final=False)
         scores[str(threshold)] = float(balanced_accuracy_score(y, probs.argmax(1)))
     # ties: no self-training first, then the higher (more cautious) threshold
@@ -133,12 +154,15 @@ def choose_threshold(members: Sequence[Member], weights: np.ndarray, x: Features
 def self_train_fold(members: Sequence[Member], weights: np.ndarray, x_train: Features, y_train: np.ndarray,
                     train_speakers: np.ndarray, oof_probs: np.ndarray, x_test: Features,
                     test_speakers: np.ndarray, test_probs: np.ndarray,
-                    thresholds: Sequence[float] = THRESHOLDS) -> tuple[np.ndarray, dict]:
+                    thresholds: Sequence[float] = THRESHOLDS, copies: Copies | None = None) -> tuple[np.ndarray, dict]:
     """A fold's test probabilities after self-training on each test speaker's clips (the threshold
-    chosen on the training speakers by :func:`choose_threshold`), and what was done."""
-    threshold, scores = choose_threshold(members, weights, x_train, y_train, train_speakers, oof_probs, thresholds)
+    chosen on the training speakers by :func:`choose_threshold`), and what was done. ``copies``: the
+    training rows' speed-perturbed copies, trained on by every refit."""
+    threshold, scores = choose_threshold(members, weights, x_train, y_train, train_speakers, oof_probs, thresholds,
+                                         copies=copies)
     out, pseudo = np.asarray(test_probs, dtype=np.float64), 0
     if threshold is not None:
-        out, pseudo = self_train_speakers(members, weights, x_train, y_train, x_test, test_speakers, test_probs,
+        x_fit, y_fit = _with_copies(copies, x_train, y_train, train_speakers)
+        out, pseudo = self_train_speakers(members, weights, x_fit, y_fit, x_test, test_speakers, test_probs,
                                           threshold)
     return out, {"threshold": threshold, "inner_ua": scores, "pseudo_labelled": pseudo}

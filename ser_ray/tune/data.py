@@ -26,6 +26,8 @@ class SearchData:
     resources: dict[str, dict]  # family -> {cpu, gpu}
     use_gpu: bool
     train_storage: str  # where the trials' Train runs go
+    # family -> speed-perturbed copies of the training clips (data.speed_perturb; classical families)
+    copies: dict[str, pd.DataFrame] = dataclasses.field(default_factory=dict)
     # the manifest rows (label-mapped) with `split` train/val/test: what `ser-ray ensemble --from`
     # fits and evaluates on, saved as <experiment>/split.parquet
     split_manifest: pd.DataFrame | None = None
@@ -39,7 +41,8 @@ def load_search_data(cfg: SearchConfig, *, use_gpu: bool = False) -> SearchData:
     from ser_ray.features.config import FeatureConfig
     from ser_ray.models import family_feature_config
     from ser_ray.train.config import TrainConfig
-    from ser_ray.train.data import assign_folds, feature_rows, fold_frames, label_mapped, load_manifest
+    from ser_ray.models.classical import is_classical
+    from ser_ray.train.data import assign_folds, feature_rows, fold_frames, label_mapped, load_manifest, speed_copies
 
     base = TrainConfig.from_dict({**cfg.train, "data": dataclasses.asdict(cfg.data)})
     manifest, labels = label_mapped(load_manifest(base), base.label_map)
@@ -56,12 +59,15 @@ def load_search_data(cfg: SearchConfig, *, use_gpu: bool = False) -> SearchData:
     cache_root = cfg.data.cache_root or storage.join(storage_root(cfg.storage_path), "cache")
     frames: dict[str, Split] = {}
     by_key: dict[str, Split] = {}
+    copies: dict[str, pd.DataFrame] = {}
     for family in cfg.families:
         feature_config = family_feature_config(family, FeatureConfig(**cfg.data.features))
         if feature_config.key() not in by_key:
             rows, _ = feature_rows(manifest, feature_config, cache_root)
             by_key[feature_config.key()] = split.with_features(rows, feature_config)
         frames[family] = by_key[feature_config.key()]
+        if cfg.data.speed_perturb and is_classical(family):
+            copies[family] = speed_copies(split.train, feature_config, cache_root, cfg.data.speed_perturb)
     split_manifest = split.manifest()
     return SearchData(
         labels=labels,
@@ -72,5 +78,6 @@ def load_search_data(cfg: SearchConfig, *, use_gpu: bool = False) -> SearchData:
         resources={f: cfg.family_resources(f) for f in cfg.families},
         use_gpu=use_gpu,
         train_storage=storage.join(cfg.experiment_path, "train"),
+        copies=copies,
     )
 

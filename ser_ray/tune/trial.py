@@ -41,7 +41,7 @@ def tune_trial(config: dict, data: SearchData) -> None:
 
         result = fit_classical(frames.train, frames.val, data.labels, frames.feature_config, train_cfg,
                                run_dir=storage.join(data.train_storage, f"train-{tune.get_context().get_trial_id()}"),
-                               pool_validation=False)
+                               pool_validation=False, copies=data.copies.get(train_cfg.family))
         tune.report({**result.best_metrics, "checkpoint_path": result.best_checkpoint})
         return
     datasets = {
