@@ -28,7 +28,7 @@ import numpy as np
 from ser_ray.features.config import FeatureConfig
 from ser_ray.train.config import DataSpec, TrainConfig
 from ser_ray.train.cv import run_fold
-from ser_ray.train.data import feature_rows, label_mapped, load_manifest, speaker_list
+from ser_ray.train.data import feature_rows, label_mapped, load_manifest, speaker_list, speed_copies
 from ser_ray.train.metrics import summarize_folds
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,10 @@ def run_cross_corpus(config: TrainConfig, train_spec: DataSpec, test_spec: DataS
                  train_name, len(tr), tr["speaker"].nunique(), len(va), va["speaker"].nunique(), test_name, len(te),
                  te["speaker"].nunique())
         run_id = config.name or f"{config.family}-cross"
+        copies = speed_copies(train_all, feature_config, cache_root, train_spec.speed_perturb, family=config.family,
+                              speaker_norm=norm)
         metrics = run_fold(0, tr, va, te, shared, feature_config, config, fold_dir, run_name=f"{run_id}-fold0",
-                           storage_path=config.storage_path or str(out / "ray"))
+                           storage_path=config.storage_path or str(out / "ray"), copies=copies)
 
     confusion = np.asarray(metrics["confusion"])
     plot_confusion(confusion, shared, out / "confusion.png",

@@ -212,16 +212,8 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
             done[f] = json.loads(result.fold_file(f, "metrics.json").read_text())
     todo = [f for f in chosen if f not in done]
 
-    from ser_ray.models.classical import is_classical
-
-    copies = None
-    if data.speed_perturb and not is_classical(config.family):
-        log.warning("data.speed_perturb %s is left unused: %s is not a classical family", data.speed_perturb,
-                    config.family)
-    elif data.speed_perturb and todo:
-        log.info("speed perturbation: training copies at speeds %s of each fold's training clips", data.speed_perturb)
-        copies = speed_copies(manifest, feature_config, data.cache_root or str(out / "cache"), data.speed_perturb,
-                              speaker_norm=data.speaker_norm)
+    copies = speed_copies(manifest, feature_config, data.cache_root or str(out / "cache"), data.speed_perturb,
+                          family=config.family, speaker_norm=data.speaker_norm) if todo else None
 
     def frames(f: int):
         tr, va, te = splits[f].with_features(rows, keep_failed=True)
@@ -244,6 +236,8 @@ def run_cv(config: TrainConfig, out: str | Path, *, max_folds: int | None = None
         # a fold's training time is its own epochs' (the group's start-up is shared by its folds)
         return [finish_fold(f, trained[f], *parts[f], labels, config, result.fold_dir(f),
                             train_s=sum(h["epoch_s"] for h in trained[f].history)) for f in group]
+
+    from ser_ray.models.classical import is_classical
 
     if is_classical(config.family):
         done.update((f, one_fold(f)) for f in todo)

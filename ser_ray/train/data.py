@@ -162,19 +162,26 @@ def speaker_list(df: pd.DataFrame) -> list[str]:
     return sorted(df["speaker"].astype(str).unique())
 
 
-def speed_copies(manifest: pd.DataFrame, feature_config: FeatureConfig, cache_root: str, speeds, *,
+def speed_copies(manifest: pd.DataFrame, feature_config: FeatureConfig, cache_root: str, speeds, *, family: str,
                  speaker_norm: bool = False) -> pd.DataFrame | None:
     """Speed-perturbed copies of every clip of ``manifest`` (``data.speed_perturb``): feature rows like
-    :func:`feature_rows`'s, one set per speed (``speed`` column), each in its own cache; None without
-    speeds. Only the classical fits read them, and only for the clips they train on.
+    :func:`feature_rows`'s, one set per speed (``speed`` column), each in its own cache. Only the
+    classical fits read them, and only for the clips they train on: None without speeds or for a deep
+    ``family`` (logged: it leaves them unused).
 
     Speaker normalisation treats each speed's copies of a speaker as a speaker of their own: the copies
     are standardised with their own statistics, as every real speaker is.
     """
     import dataclasses
 
+    from ser_ray.models.classical import is_classical
+
     if not speeds:
         return None
+    if not is_classical(family):
+        log.warning("data.speed_perturb %s is left unused: %s is not a classical family", list(speeds), family)
+        return None
+    log.info("speed perturbation: %s trains on copies at speeds %s of its training clips", family, list(speeds))
     parts = []
     for speed in speeds:
         rows, _ = feature_rows(manifest, dataclasses.replace(feature_config, speed=float(speed)), cache_root,

@@ -41,7 +41,6 @@ def load_search_data(cfg: SearchConfig, *, use_gpu: bool = False) -> SearchData:
     from ser_ray.features.config import FeatureConfig
     from ser_ray.models import family_feature_config
     from ser_ray.train.config import TrainConfig
-    from ser_ray.models.classical import is_classical
     from ser_ray.train.data import assign_folds, feature_rows, fold_frames, label_mapped, load_manifest, speed_copies
 
     base = TrainConfig.from_dict({**cfg.train, "data": dataclasses.asdict(cfg.data)})
@@ -66,8 +65,9 @@ def load_search_data(cfg: SearchConfig, *, use_gpu: bool = False) -> SearchData:
             rows, _ = feature_rows(manifest, feature_config, cache_root)
             by_key[feature_config.key()] = split.with_features(rows, feature_config)
         frames[family] = by_key[feature_config.key()]
-        if cfg.data.speed_perturb and is_classical(family):
-            copies[family] = speed_copies(split.train, feature_config, cache_root, cfg.data.speed_perturb)
+        family_copies = speed_copies(split.train, feature_config, cache_root, cfg.data.speed_perturb, family=family)
+        if family_copies is not None:
+            copies[family] = family_copies
     split_manifest = split.manifest()
     return SearchData(
         labels=labels,
