@@ -40,6 +40,7 @@ def load_search_data(cfg: SearchConfig, *, use_gpu: bool = False) -> SearchData:
     """
     from ser_ray.features.config import FeatureConfig
     from ser_ray.models import family_feature_config
+    from ser_ray.models.classical import is_classical
     from ser_ray.train.config import TrainConfig
     from ser_ray.train.data import assign_folds, feature_rows, fold_frames, label_mapped, load_manifest, speed_copies
 
@@ -59,15 +60,20 @@ def load_search_data(cfg: SearchConfig, *, use_gpu: bool = False) -> SearchData:
     frames: dict[str, Split] = {}
     by_key: dict[str, Split] = {}
     copies: dict[str, pd.DataFrame] = {}
+    by_copy_key: dict[tuple[str, bool], pd.DataFrame | None] = {}
     for family in cfg.families:
         feature_config = family_feature_config(family, FeatureConfig(**cfg.data.features))
         if feature_config.key() not in by_key:
             rows, _ = feature_rows(manifest, feature_config, cache_root)
             by_key[feature_config.key()] = split.with_features(rows, feature_config)
         frames[family] = by_key[feature_config.key()]
-        family_copies = speed_copies(split.train, feature_config, cache_root, cfg.data.speed_perturb, family=family)
-        if family_copies is not None:
-            copies[family] = family_copies
+        # families reading the same features share one copy frame (loaded once, shipped once)
+        copy_key = (feature_config.key(), is_classical(family))
+        if copy_key not in by_copy_key:
+            by_copy_key[copy_key] = speed_copies(split.train, feature_config, cache_root, cfg.data.speed_perturb,
+                                                 family=family)
+        if by_copy_key[copy_key] is not None:
+            copies[family] = by_copy_key[copy_key]
     split_manifest = split.manifest()
     return SearchData(
         labels=labels,
