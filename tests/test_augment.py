@@ -106,3 +106,9 @@ def test_speed_copy_lowers_pitch_and_lengthens_the_clip():
     with pytest.raises(ValueError, match="speed"):
         FeatureConfig(speed=3.0)
     assert FeatureConfig(speed=1.0).key() != FeatureConfig(speed=0.9).key()
+    from ser_ray.train.config import DataSpec
+
+    assert DataSpec(speed_perturb=["0.9", 1.1]).speed_perturb == [0.9, 1.1]
+    for bad in ([1.0], [0.3]):  # the originals are always used; beyond 0.5-2 is not speech
+        with pytest.raises(ValueError, match="speed_perturb"):
+            DataSpec(speed_perturb=bad)
